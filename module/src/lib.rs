@@ -1,1 +1,31 @@
-pub fn x() {}
+//! slotfork's `slots` module: a slot-partitioned keyspace for a stock
+//! redis-server (7.0+, Valkey 8), with an exact per-slot key index.
+//!
+//! Where things live:
+//! - `slot.rs`: the slot functions (crc32/1024 and crc16/16384, hash tags)
+//! - `keyset.rs`: the compact per-slot key set (incremental rehash, scan)
+//! - `index.rs`: the per-database index (full or counts-only)
+//! - `events.rs`: keyspace and server events that keep the index exact
+//! - `state.rs`: global state and its lock discipline
+//! - `commands/`: the SLOTS.* commands
+//! - `del_job.rs`, `keys_job.rs`, `cron.rs`: incremental background work
+//! - `config.rs`, `info.rs`: module configs and the INFO section
+//! - `ffi.rs`: safe wrappers over raw module API calls, the panic guard
+//! - `registration.rs`: the module's entry point (commands, configs, init)
+
+pub mod commands;
+pub mod config;
+pub mod cron;
+pub mod del_job;
+pub mod events;
+pub mod ffi;
+pub mod index;
+pub mod info;
+pub mod keys_job;
+pub mod keyset;
+// The crate's allocator aborts outside a server, so unit tests (which run
+// without one) leave the registration, and with it the allocator, out.
+#[cfg(not(test))]
+mod registration;
+pub mod slot;
+pub mod state;

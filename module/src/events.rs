@@ -1,0 +1,376 @@
+//! Keeping the index exact: keyspace notifications and server events.
+//!
+//! Which events we listen to, and why that is enough:
+//!
+//! * Every key the server stores goes through `dbAdd()`, which fires the
+//!   `new` event (class NOTIFY_NEW, Redis >= 7.0, also Valkey). Loading a
+//!   dataset (RDB, AOF preamble, full sync) bypasses it; see below.
+//! * Every removal fires one of `del` (DEL, UNLINK, GETDEL, MIGRATE, a
+//!   container emptied by LPOP/HDEL/SREM/ZREM/..., a STORE with an empty
+//!   result, EXPIRE in the past, RESTORE of an expired payload), `expired`
+//!   (active and lazy expiry), `evicted`, `rename_from` or `move_from`.
+//! * FLUSHDB/FLUSHALL (sync and async) and SWAPDB swap or drop whole
+//!   dictionaries and fire server events instead.
+//! * Overwrites (SET on an existing key, RENAME/COPY/RESTORE onto an existing
+//!   key) keep the key's name and slot; `new` may fire for a name that is
+//!   already indexed, which the set ignores.
+//!
+//! So we do NOT subscribe to the per-type classes (string, list, hash, ...):
+//! a SET or HSET on an existing key costs us nothing on the hot path.
+//!
+//! For events whose meaning we do not know (other GENERIC events, events of
+//! future versions), we look the key up instead of guessing.
+//!
+//! Counts-only mode keeps no names, so it cannot tell "new" from "new name
+//! that was already there" by itself. It uses the invariant that the index
+//! holds exactly as many keys as the database: after a real addition the
+//! server has one key more than we counted, after a replace the same number.
+//! Full mode checks the same invariant to catch changes no event announces
+//! (another module's RM_DeleteKey); a mismatch schedules a rebuild of that
+//! database and is counted in INFO (`slots_index_resyncs`).
+
+use std::os::raw::{c_char, c_int, c_void};
+use std::time::Instant;
+
+use redis_module::raw;
+
+use crate::ffi::{self, guard, Ctx};
+use crate::index::{DbIndex, IndexMode};
+use crate::state::{free_in_background, with_state};
+
+/// What an event means for the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Effect {
+    /// A key was added to the database (it may replace one of the same name).
+    Added,
+    /// The key exists (already announced by `new`); make sure it is indexed.
+    Present,
+    /// The key was removed from the database.
+    Removed,
+    /// Unknown meaning: look the key up.
+    Reconcile,
+}
+
+fn classify(class: c_int, event: &[u8]) -> Effect {
+    if class & raw::NotifyEvent::NEW.bits() != 0 {
+        return Effect::Added;
+    }
+    match event {
+        b"del" | b"expired" | b"evicted" | b"rename_from" | b"move_from" => Effect::Removed,
+        b"rename_to" | b"move_to" | b"copy_to" | b"restore" | b"expire" | b"persist" => {
+            Effect::Present
+        }
+        _ => Effect::Reconcile,
+    }
+}
+
+pub fn subscribe(ctx: Ctx) -> Result<(), String> {
+    let mask = raw::NotifyEvent::NEW
+        | raw::NotifyEvent::GENERIC
+        | raw::NotifyEvent::EXPIRED
+        | raw::NotifyEvent::EVICTED;
+    // SAFETY: ctx is the OnLoad context; the callback is a plain extern fn.
+    let rc = unsafe {
+        raw::RedisModule_SubscribeToKeyspaceEvents.unwrap()(
+            ctx.raw(),
+            mask.bits(),
+            Some(on_keyspace_event),
+        )
+    };
+    if rc != raw::REDISMODULE_OK as c_int {
+        return Err("cannot subscribe to keyspace events".into());
+    }
+    for (id, cb) in [
+        (raw::REDISMODULE_EVENT_LOADING, on_loading as ServerEventCb),
+        (raw::REDISMODULE_EVENT_FLUSHDB, on_flush),
+        (raw::REDISMODULE_EVENT_SWAPDB, on_swapdb),
+        (raw::REDISMODULE_EVENT_REPL_ASYNC_LOAD, on_async_load),
+    ] {
+        let event = raw::RedisModuleEvent { id, dataver: 1 };
+        // SAFETY: as above. An unknown event id (older server) is an error we
+        // report; all four exist since Redis 7.0.
+        let rc =
+            unsafe { raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.raw(), event, Some(cb)) };
+        if rc != raw::REDISMODULE_OK as c_int {
+            return Err(format!("cannot subscribe to server event {id}"));
+        }
+    }
+    Ok(())
+}
+
+type ServerEventCb =
+    unsafe extern "C" fn(*mut raw::RedisModuleCtx, raw::RedisModuleEvent, u64, *mut c_void);
+
+extern "C" fn on_keyspace_event(
+    ctx: *mut raw::RedisModuleCtx,
+    class: c_int,
+    event: *const c_char,
+    key: *mut raw::RedisModuleString,
+) -> c_int {
+    guard(
+        "keyspace event",
+        || (),
+        || {
+            // SAFETY: the server passes a NUL-terminated event name.
+            let event = unsafe { std::ffi::CStr::from_ptr(event) }.to_bytes();
+            // SAFETY: ctx and key are live for the duration of this callback.
+            let (ctx, key) = unsafe { (Ctx::from_raw(ctx), ffi::string_bytes(key)) };
+            on_key_changed(ctx, classify(class, event), key);
+        },
+    );
+    raw::REDISMODULE_OK as c_int
+}
+
+fn on_key_changed(ctx: Ctx, effect: Effect, key: &[u8]) {
+    let db = ffi::selected_db(ctx);
+    let effect = match effect {
+        // Look up outside the state lock: a lookup may expire the key.
+        Effect::Reconcile => {
+            if with_state(|s| s.loading) {
+                return;
+            }
+            if ffi::key_exists(ctx, key) {
+                Effect::Present
+            } else {
+                Effect::Removed
+            }
+        }
+        e => e,
+    };
+    let db_size = ffi::db_size(ctx);
+    with_state(|s| {
+        if s.loading {
+            return;
+        }
+        let slot = s.slot(key);
+        let mode = s.mode;
+        let idx = s.db_mut(db);
+        let in_sync = match (effect, mode) {
+            (Effect::Added, IndexMode::Full) => {
+                idx.add(slot, key);
+                idx.total() == db_size
+            }
+            (Effect::Added, IndexMode::CountsOnly) => {
+                // One key more than we counted: a real addition. The same
+                // number: the key replaced one of the same name.
+                if idx.total() + 1 == db_size {
+                    idx.add(slot, key);
+                    true
+                } else {
+                    idx.total() == db_size
+                }
+            }
+            (Effect::Present, IndexMode::Full) => {
+                idx.add(slot, key);
+                true
+            }
+            (Effect::Present, IndexMode::CountsOnly) => true,
+            (Effect::Removed, IndexMode::Full) => {
+                idx.remove(slot, key);
+                true
+            }
+            (Effect::Removed, IndexMode::CountsOnly) => {
+                if idx.total() == db_size + 1 {
+                    idx.remove(slot, key);
+                    true
+                } else {
+                    idx.total() == db_size
+                }
+            }
+            (Effect::Reconcile, _) => unreachable!("resolved above"),
+        };
+        if !in_sync && !s.resync.contains(&db) {
+            redis_module::logging::log_warning(format!(
+                "slots: index of db {db} disagrees with the keyspace after a '{effect:?}' event (keys changed without a \
+                 keyspace event, e.g. by another module); rebuilding it"
+            ));
+            s.request_resync(db);
+        }
+    });
+}
+
+unsafe extern "C" fn on_loading(
+    ctx: *mut raw::RedisModuleCtx,
+    _e: raw::RedisModuleEvent,
+    sub: u64,
+    _data: *mut c_void,
+) {
+    guard(
+        "loading event",
+        || (),
+        || match sub {
+            raw::REDISMODULE_SUBEVENT_LOADING_RDB_START
+            | raw::REDISMODULE_SUBEVENT_LOADING_AOF_START
+            | raw::REDISMODULE_SUBEVENT_LOADING_REPL_START => {
+                let old = with_state(|s| {
+                    s.loading = true;
+                    s.del.cancel_all("a dataset is being loaded");
+                    s.take_all()
+                });
+                free_in_background(old);
+            }
+            _ => {
+                with_state(|s| s.loading = false);
+                // SAFETY: the event's context is live during this callback.
+                rebuild_all(unsafe { Ctx::from_raw(ctx) }, "loading ended");
+            }
+        },
+    );
+}
+
+unsafe extern "C" fn on_flush(
+    _ctx: *mut raw::RedisModuleCtx,
+    _e: raw::RedisModuleEvent,
+    sub: u64,
+    data: *mut c_void,
+) {
+    guard(
+        "flush event",
+        || (),
+        || {
+            if sub != raw::REDISMODULE_SUBEVENT_FLUSHDB_END {
+                return;
+            }
+            // SAFETY: for this event the server passes a RedisModuleFlushInfo.
+            let info = unsafe { &*(data as *const raw::RedisModuleFlushInfo) };
+            let old = with_state(|s| {
+                if info.dbnum < 0 {
+                    s.take_all()
+                } else {
+                    s.replace_db(info.dbnum as usize, None)
+                        .into_iter()
+                        .collect()
+                }
+            });
+            free_in_background(old);
+        },
+    );
+}
+
+unsafe extern "C" fn on_swapdb(
+    _ctx: *mut raw::RedisModuleCtx,
+    _e: raw::RedisModuleEvent,
+    _sub: u64,
+    data: *mut c_void,
+) {
+    guard(
+        "swapdb event",
+        || (),
+        || {
+            // SAFETY: for this event the server passes a RedisModuleSwapDbInfo.
+            let info = unsafe { &*(data as *const raw::RedisModuleSwapDbInfo) };
+            with_state(|s| s.swap_dbs(info.dbnum_first as usize, info.dbnum_second as usize));
+        },
+    );
+}
+
+unsafe extern "C" fn on_async_load(
+    ctx: *mut raw::RedisModuleCtx,
+    _e: raw::RedisModuleEvent,
+    sub: u64,
+    _d: *mut c_void,
+) {
+    // With `repl-diskless-load swapdb` a replica loads into a temporary
+    // database and swaps it in at the end, without loading events.
+    guard(
+        "async load event",
+        || (),
+        || {
+            if sub == raw::REDISMODULE_SUBEVENT_REPL_ASYNC_LOAD_COMPLETED {
+                // SAFETY: the event's context is live during this callback.
+                rebuild_all(
+                    unsafe { Ctx::from_raw(ctx) },
+                    "replica finished an asynchronous load",
+                );
+            }
+        },
+    );
+}
+
+/// Builds the index of `db` from its keyspace. The caller has selected `db`
+/// in `ctx`.
+pub fn build_from_keyspace(ctx: Ctx) -> DbIndex {
+    let mut idx = with_state(|s| s.new_db_index());
+    let hash = with_state(|s| s.hash);
+    ffi::scan_keyspace(ctx, &mut |key| {
+        idx.add(hash.slot(key), key);
+    });
+    idx
+}
+
+/// Rebuilds every database's index from the keyspace. Runs when the server
+/// has just loaded a dataset (it replies -LOADING until then anyway) or when
+/// the index was found out of sync.
+pub fn rebuild_all(ctx: Ctx, why: &str) {
+    let started = Instant::now();
+    let old = with_state(|s| {
+        s.resync.clear();
+        s.take_all()
+    });
+    free_in_background(old);
+    let original_db = ffi::selected_db(ctx);
+    let mut keys = 0;
+    let mut db = 0;
+    while ffi::select_db(ctx, db) {
+        if ffi::db_size(ctx) > 0 {
+            let idx = build_from_keyspace(ctx);
+            keys += idx.total();
+            with_state(|s| s.replace_db(db, Some(Box::new(idx))));
+        }
+        db += 1;
+    }
+    ffi::select_db(ctx, original_db);
+    let usec = started.elapsed().as_micros() as u64;
+    with_state(|s| {
+        s.stats.rebuilds += 1;
+        s.stats.last_rebuild_usec = usec;
+    });
+    redis_module::logging::log_notice(format!(
+        "slots: index rebuilt from the keyspace ({why}): {keys} keys in {db} databases, {:.1} ms",
+        usec as f64 / 1000.0
+    ));
+}
+
+/// Rebuilds the databases the event handlers found out of sync.
+pub fn resync_pending(ctx: Ctx) {
+    let Some(db) = with_state(|s| s.resync.pop()) else {
+        return;
+    };
+    let original_db = ffi::selected_db(ctx);
+    if ffi::select_db(ctx, db) {
+        let idx = build_from_keyspace(ctx);
+        let old = with_state(|s| {
+            s.stats.resyncs += 1;
+            s.replace_db(db, Some(Box::new(idx)))
+        });
+        free_in_background(old.into_iter().collect());
+    }
+    ffi::select_db(ctx, original_db);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let generic = raw::NotifyEvent::GENERIC.bits();
+        assert_eq!(
+            classify(raw::NotifyEvent::NEW.bits(), b"new"),
+            Effect::Added
+        );
+        for e in [&b"del"[..], b"rename_from", b"move_from"] {
+            assert_eq!(classify(generic, e), Effect::Removed);
+        }
+        assert_eq!(
+            classify(raw::NotifyEvent::EXPIRED.bits(), b"expired"),
+            Effect::Removed
+        );
+        assert_eq!(
+            classify(raw::NotifyEvent::EVICTED.bits(), b"evicted"),
+            Effect::Removed
+        );
+        assert_eq!(classify(generic, b"rename_to"), Effect::Present);
+        assert_eq!(classify(generic, b"something_new"), Effect::Reconcile);
+    }
+}

@@ -1,0 +1,266 @@
+//! Thin safe wrappers over the raw module API calls the crate does not wrap,
+//! and the panic guard every callback from the server goes through.
+
+use std::ffi::CString;
+use std::os::raw::{c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use redis_module::raw;
+
+/// A module context handed to us by the server for the current callback.
+///
+/// Invariant: it only exists for the duration of that callback (it is built
+/// from a `&Context` or from the pointer a callback received), so every API
+/// call made through it sees a live context.
+#[derive(Clone, Copy)]
+pub struct Ctx(*mut raw::RedisModuleCtx);
+
+impl Ctx {
+    /// # Safety
+    /// `p` must be the live context of the running callback.
+    pub unsafe fn from_raw(p: *mut raw::RedisModuleCtx) -> Ctx {
+        Ctx(p)
+    }
+    pub fn of(ctx: &redis_module::Context) -> Ctx {
+        Ctx(ctx.ctx)
+    }
+    pub fn raw(self) -> *mut raw::RedisModuleCtx {
+        self.0
+    }
+}
+
+/// Runs `f`, turning a panic into `on_panic` plus a warning in the server log.
+/// Every entry point from redis-server (commands, keyspace notifications,
+/// server events, timers, INFO) goes through here: unwinding into C is
+/// undefined behaviour and would take the whole server down.
+pub fn guard<R>(what: &str, on_panic: impl FnOnce() -> R, f: impl FnOnce() -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            redis_module::logging::log_warning(format!("slots: internal error in {what}: {msg}"));
+            on_panic()
+        }
+    }
+}
+
+/// The bytes of a module string.
+///
+/// The returned slice borrows memory owned by the server; callers use it only
+/// while the string is alive (the duration of the callback that received it).
+/// # Safety
+/// `s` must be NULL or a live module string.
+pub unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> &'a [u8] {
+    if s.is_null() {
+        return &[];
+    }
+    let mut len: usize = 0;
+    // SAFETY: `s` is a live RedisModuleString handed to us by the server;
+    // StringPtrLen returns a pointer to its `len` bytes, valid while it lives.
+    unsafe {
+        let p = raw::RedisModule_StringPtrLen.unwrap()(s, &mut len);
+        if p.is_null() || len == 0 {
+            return &[];
+        }
+        std::slice::from_raw_parts(p.cast::<u8>(), len)
+    }
+}
+
+/// A module string the caller owns (freed on drop).
+pub struct OwnedString(*mut raw::RedisModuleString);
+
+impl OwnedString {
+    pub fn new(bytes: &[u8]) -> OwnedString {
+        // SAFETY: a NULL context makes an unmanaged string that we free in Drop.
+        OwnedString(unsafe {
+            raw::RedisModule_CreateString.unwrap()(
+                std::ptr::null_mut(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+            )
+        })
+    }
+    pub fn ptr(&self) -> *mut raw::RedisModuleString {
+        self.0
+    }
+}
+
+impl Drop for OwnedString {
+    fn drop(&mut self) {
+        // SAFETY: we created the string with a NULL context, so we must free it.
+        unsafe { raw::RedisModule_FreeString.unwrap()(std::ptr::null_mut(), self.0) }
+    }
+}
+
+pub fn context_flags(ctx: Ctx) -> u32 {
+    // SAFETY: ctx is the live context of the current callback.
+    unsafe { raw::RedisModule_GetContextFlags.unwrap()(ctx.0) as u32 }
+}
+
+pub fn selected_db(ctx: Ctx) -> usize {
+    // SAFETY: as above.
+    unsafe { raw::RedisModule_GetSelectedDb.unwrap()(ctx.0).max(0) as usize }
+}
+
+/// Selects `db` in `ctx`; false when the server has no such database.
+pub fn select_db(ctx: Ctx, db: usize) -> bool {
+    // SAFETY: as above; SelectDb validates the number.
+    unsafe {
+        raw::RedisModule_SelectDb.unwrap()(ctx.0, db as c_int) == raw::REDISMODULE_OK as c_int
+    }
+}
+
+/// Number of keys physically in the selected database (expired ones included).
+pub fn db_size(ctx: Ctx) -> u64 {
+    // SAFETY: as above.
+    unsafe { raw::RedisModule_DbSize.unwrap()(ctx.0) }
+}
+
+/// Whether `key` exists in the selected database. This is a real lookup: on
+/// a primary an expired key is deleted by it (as any read would do).
+pub fn key_exists(ctx: Ctx, key: &[u8]) -> bool {
+    let name = OwnedString::new(key);
+    // SAFETY: as above; `name` lives across the call.
+    unsafe { raw::RedisModule_KeyExists.unwrap()(ctx.0, name.ptr()) != 0 }
+}
+
+pub fn milliseconds() -> i64 {
+    // SAFETY: no arguments, always callable.
+    unsafe { raw::RedisModule_Milliseconds.unwrap()() }
+}
+
+/// Walks the whole selected database, calling `f` with every key name. The
+/// walk sees the dictionary as it is (expired keys that are still stored are
+/// included) and has no side effects on the keys.
+pub fn scan_keyspace(ctx: Ctx, f: &mut dyn FnMut(&[u8])) {
+    let mut cursor = ScanCursor::new();
+    while cursor.step(ctx, f) {}
+}
+
+/// A keyspace scan cursor (RedisModuleScanCursor), for scans split over
+/// several event-loop iterations.
+pub struct ScanCursor(*mut raw::RedisModuleScanCursor);
+
+// SAFETY: the cursor is a plain heap object of the server; it is only used on
+// the thread holding the server lock (the main thread), but the job owning it
+// lives in a global behind a Mutex, which requires Send.
+unsafe impl Send for ScanCursor {}
+
+impl Default for ScanCursor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScanCursor {
+    pub fn new() -> ScanCursor {
+        // SAFETY: creates a fresh cursor we destroy in Drop.
+        ScanCursor(unsafe { raw::RedisModule_ScanCursorCreate.unwrap()() })
+    }
+
+    /// One scan step (one or a few buckets). Returns false when the scan is over.
+    pub fn step(&mut self, ctx: Ctx, f: &mut dyn FnMut(&[u8])) -> bool {
+        extern "C" fn cb(
+            _ctx: *mut raw::RedisModuleCtx,
+            keyname: *mut raw::RedisModuleString,
+            _key: *mut raw::RedisModuleKey,
+            privdata: *mut c_void,
+        ) {
+            // SAFETY: privdata is the `&mut &mut dyn FnMut` passed below,
+            // alive for the duration of RedisModule_Scan.
+            let f = unsafe { &mut *(privdata as *mut &mut dyn FnMut(&[u8])) };
+            // A panic must not unwind into the server; the guard logs it.
+            // SAFETY: the server passes a live key name string.
+            guard(
+                "keyspace scan",
+                || (),
+                || f(unsafe { string_bytes(keyname) }),
+            );
+        }
+        let mut f = f;
+        // SAFETY: ctx is live; the callback only runs during this call.
+        unsafe {
+            raw::RedisModule_Scan.unwrap()(
+                ctx.raw(),
+                self.0,
+                Some(cb),
+                (&mut f as *mut &mut dyn FnMut(&[u8])).cast(),
+            ) != 0
+        }
+    }
+}
+
+impl Drop for ScanCursor {
+    fn drop(&mut self) {
+        // SAFETY: created in new(), destroyed once.
+        unsafe { raw::RedisModule_ScanCursorDestroy.unwrap()(self.0) }
+    }
+}
+
+/// Runs `UNLINK key...` through the server, with propagation to replicas and
+/// AOF ("!" flag), so deletions reach them exactly like a client's UNLINK.
+/// Returns how many keys were removed.
+pub fn unlink(ctx: Ctx, keys: &[Vec<u8>]) -> Result<i64, String> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let strings: Vec<OwnedString> = keys.iter().map(|k| OwnedString::new(k)).collect();
+    let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.ptr()).collect();
+    let cmd = CString::new("UNLINK").unwrap();
+    let fmt = CString::new("!v").unwrap();
+    // SAFETY: `argv` holds `argv.len()` live strings for the whole call; the
+    // reply is freed below.
+    unsafe {
+        let reply = raw::RedisModule_Call.unwrap()(
+            ctx.raw(),
+            cmd.as_ptr(),
+            fmt.as_ptr(),
+            argv.as_mut_ptr(),
+            argv.len(),
+        );
+        if reply.is_null() {
+            return Err("UNLINK call failed".into());
+        }
+        let result = if raw::RedisModule_CallReplyType.unwrap()(reply)
+            == raw::REDISMODULE_REPLY_INTEGER as c_int
+        {
+            Ok(raw::RedisModule_CallReplyInteger.unwrap()(reply))
+        } else {
+            let mut len = 0;
+            let p = raw::RedisModule_CallReplyStringPtr.unwrap()(reply, &mut len);
+            let msg = if p.is_null() {
+                "unexpected reply".to_string()
+            } else {
+                String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len))
+                    .into_owned()
+            };
+            Err(msg)
+        };
+        raw::RedisModule_FreeCallReply.unwrap()(reply);
+        result
+    }
+}
+
+/// Reply helpers that write straight into the client's buffer, so a large
+/// key list is not copied into an intermediate `RedisValue` tree.
+pub mod reply {
+    use super::*;
+
+    pub fn array(ctx: Ctx, len: usize) {
+        raw::reply_with_array(ctx.0, len as _);
+    }
+    pub fn bulk(ctx: Ctx, bytes: &[u8]) {
+        raw::reply_with_string_buffer(ctx.0, bytes.as_ptr().cast(), bytes.len());
+    }
+    pub fn int(ctx: Ctx, v: i64) {
+        raw::reply_with_long_long(ctx.0, v);
+    }
+    pub fn simple(ctx: Ctx, s: &str) {
+        let s = CString::new(s).unwrap_or_default();
+        raw::reply_with_simple_string(ctx.0, s.as_ptr());
+    }
+}
