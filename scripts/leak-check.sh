@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Leak check: the whole integration test workload against redis-server running
+# under valgrind, then a verdict on every server's leak report.
+#
+# Why a special redis-server: Debian's binary allocates through jemalloc,
+# which valgrind cannot see into, and the module allocates through the
+# server's allocator (RedisModule_Alloc). So this script builds Redis 7.0.15
+# from Debian's source with MALLOC=libc (cached in .build/redis/libc/), and
+# runs the tests with REDIS_SERVER pointing at a valgrind wrapper.
+#
+# Servers are stopped with SIGTERM (SLOTS_TEST_GRACEFUL=1) so that valgrind
+# writes its report; timeouts are stretched (SLOTS_TEST_SLOW=1).
+#
+# Verdict: the script fails if any "definitely lost" block has the module
+# (libslots.so) in its allocation stack. Leaks inside redis-server itself
+# are listed but do not fail the check.
+#
+# Usage: scripts/leak-check.sh [test filter]   e.g. scripts/leak-check.sh property
+# Reports: .build/leak/vg-<pid>.log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+bash scripts/deps.sh
+
+server="$root/.build/redis/libc/redis-server"
+if [ ! -x "$server" ]; then
+  src="${REDIS_SRC:-}"
+  if [ -z "$src" ]; then
+    mkdir -p .build/src
+    src=$(ls -d "$root"/.build/src/redis-7.0.15 2>/dev/null || true)
+    if [ -z "$src" ]; then
+      if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+          > /etc/apt/sources.list.d/slotfork-src.sources
+      fi
+      apt-get update -qq
+      command -v dpkg-source >/dev/null || apt-get install -y -qq dpkg-dev >/dev/null
+      (cd .build/src && apt-get source -qq redis >/dev/null 2>&1)
+      src="$root/.build/src/redis-7.0.15"
+    fi
+  fi
+  echo "leak-check: building a libc-malloc redis-server from $src"
+  rm -rf .build/redis/libc-src && mkdir -p .build/redis/libc && cp -a "$src" .build/redis/libc-src
+  make -C .build/redis/libc-src -j"$(nproc)" MALLOC=libc BUILD_TLS=no redis-server >/dev/null
+  cp .build/redis/libc-src/src/redis-server "$server"
+fi
+
+logs="$root/.build/leak"
+rm -rf "$logs" && mkdir -p "$logs"
+wrapper="$logs/redis-server-valgrind"
+cat > "$wrapper" <<WRAP
+#!/bin/sh
+exec valgrind --leak-check=full --show-leak-kinds=definite --num-callers=40 \\
+  --log-file="$logs/vg-%p.log" "$server" "\$@"
+WRAP
+chmod +x "$wrapper"
+
+cargo build -p slots
+SLOTS_MODULE="$root/target/debug/libslots.so" REDIS_SERVER="$wrapper" \
+  SLOTS_TEST_GRACEFUL=1 SLOTS_TEST_SLOW=1 \
+  cargo test -p slotfork-tests -- --test-threads=2 ${1:+"$1"} || echo "leak-check: some tests failed under valgrind (slow); the leak verdict follows anyway"
+
+python3 - "$logs" <<'PY'
+import glob, re, sys
+logs = sorted(glob.glob(sys.argv[1] + "/vg-*.log"))
+module_leaks, other_leaks, reports = [], [], 0
+for path in logs:
+    text = open(path, errors="replace").read()
+    if "LEAK SUMMARY" in text or "All heap blocks were freed" in text:
+        reports += 1
+    # A loss record starts with "==pid== N bytes in M blocks are definitely lost"
+    # and runs until the next blank record line.
+    for rec in re.split(r"==\d+== \n", text):
+        if "definitely lost in loss record" not in rec:
+            continue
+        (module_leaks if ("libslots" in rec or "slots::" in rec) else other_leaks).append((path, rec.strip()))
+print(f"leak-check: {len(logs)} server runs, {reports} with a leak report")
+for path, rec in other_leaks[:5]:
+    print(f"--- leak outside the module ({path}):\n{rec[:1500]}")
+for path, rec in module_leaks:
+    print(f"--- LEAK IN THE MODULE ({path}):\n{rec}")
+if reports == 0:
+    print("leak-check: no server produced a leak report; the check saw nothing")
+    sys.exit(1)
+if module_leaks:
+    print(f"leak-check: FAILED, {len(module_leaks)} definite leak(s) attributable to the module")
+    sys.exit(1)
+print(f"leak-check: OK, no definite leak attributable to the module ({len(other_leaks)} outside it)")
+PY

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting and lints, unit tests, and
+# the integration tests, which start real redis-server processes with the
+# module built here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+bash scripts/deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build the module"
+cargo build -p slots
+export SLOTS_MODULE="$root/target/debug/libslots.so"
+export REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server)}"
+echo "== unit and integration tests (redis-server: $REDIS_SERVER)"
+cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
