@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use redis_module::{
-    CallOptionsBuilder, CallReply, CallResult, Context, RedisError, RedisResult, RedisString,
+    raw, CallOptionsBuilder, CallReply, CallResult, Context, RedisError, RedisResult, RedisString,
     RedisValue,
 };
 
@@ -101,6 +101,20 @@ pub fn keys(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if mode == IndexMode::CountsOnly {
         if want == 0 || with_state(|s| s.db(db).map_or(0, |d| d.count(slot))) == 0 {
             return Ok(RedisValue::Array(Vec::new()));
+        }
+        let c = Ctx::of(ctx);
+        if ffi::context_flags(c) & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING != 0 {
+            // Inside MULTI or a script the client cannot block: walk the
+            // whole keyspace now, as KEYS would.
+            let hash = with_state(|s| s.hash);
+            let mut keys = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            ffi::scan_keyspace(c, &mut |k| {
+                if keys.len() < want && hash.slot(k) == slot && seen.insert(k.to_vec()) {
+                    keys.push(RedisValue::StringBuffer(k.to_vec()));
+                }
+            });
+            return Ok(RedisValue::Array(keys));
         }
         let client = ctx.block_client();
         with_state(|s| s.keys_jobs.start(client, db, slot, want));
