@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use redis_module::raw;
 
-use crate::ffi::{guard, Ctx};
+use crate::ffi::{self, guard, Ctx};
 use crate::state::with_state;
 use crate::{config, del_job, events, keys_job};
 
@@ -42,7 +42,9 @@ fn work(ctx: Ctx) -> bool {
     events::resync_pending(ctx);
     let mut busy = false;
     if !with_state(|s| s.del.is_empty()) {
-        busy |= del_job::run(ctx, deadline);
+        // Deleting is writing: it waits while clients are paused for writes,
+        // as the server's own expiry and eviction do.
+        busy |= ffi::writes_paused() || del_job::run(ctx, deadline);
     }
     if !with_state(|s| s.keys_jobs.is_empty()) {
         busy |= keys_job::run(ctx, deadline);

@@ -128,6 +128,14 @@ pub fn key_exists(ctx: Ctx, key: &[u8]) -> bool {
     unsafe { raw::RedisModule_KeyExists.unwrap()(ctx.0, name.ptr()) != 0 }
 }
 
+/// True while clients are paused for writes (CLIENT PAUSE WRITE, FAILOVER):
+/// the dataset must not change then, and the server asserts that nothing is
+/// propagated, so background writers must wait.
+pub fn writes_paused() -> bool {
+    // SAFETY: no arguments; callable from the main thread at any time.
+    unsafe { raw::RedisModule_AvoidReplicaTraffic.unwrap()() != 0 }
+}
+
 pub fn milliseconds() -> i64 {
     // SAFETY: no arguments, always callable.
     unsafe { raw::RedisModule_Milliseconds.unwrap()() }

@@ -31,11 +31,16 @@ fn slots_check(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     run(ctx, args, "SLOTS.CHECK", check::check)
 }
 
-fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
     ffi::guard(
         "module load",
         || Status::Err,
         || {
+            let raw_args: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            if let Err(e) = config::validate_module_args(&raw_args) {
+                ctx.log_warning(&format!("slots: refusing to load: {e}"));
+                return Status::Err;
+            }
             let hash = config::hash_function();
             let mode = config::index_mode();
             state::init(state::State::new(hash, mode));

@@ -142,7 +142,7 @@ pub fn keys(ctx: &Context, args: &[RedisString]) -> RedisResult {
 
 /// SLOTS.SCAN slot cursor [COUNT n] -> [next_cursor, [keys]]
 pub fn scan(ctx: &Context, args: &[RedisString]) -> RedisResult {
-    if args.len() != 3 && args.len() != 5 {
+    if args.len() < 3 {
         return Err(RedisError::WrongArity);
     }
     let db = ffi::selected_db(Ctx::of(ctx));
@@ -152,15 +152,18 @@ pub fn scan(ctx: &Context, args: &[RedisString]) -> RedisResult {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| err("invalid cursor".into()))?;
     let mut count = 10;
-    if args.len() == 5 {
-        if !args[3].as_slice().eq_ignore_ascii_case(b"COUNT") {
-            return Err(RedisError::Str("ERR syntax error"));
+    let mut opts = args[3..].iter();
+    while let Some(opt) = opts.next() {
+        match opts.next() {
+            Some(v) if opt.as_slice().eq_ignore_ascii_case(b"COUNT") => {
+                let n = parse_i64(v, "COUNT")?;
+                if n < 1 {
+                    return Err(RedisError::Str("ERR syntax error"));
+                }
+                count = n as usize;
+            }
+            _ => return Err(RedisError::Str("ERR syntax error")),
         }
-        let n = parse_i64(&args[4], "COUNT")?;
-        if n < 1 {
-            return Err(RedisError::Str("ERR syntax error"));
-        }
-        count = n as usize;
     }
     let (next, keys) = match with_state(|s| s.mode) {
         IndexMode::Full => with_state(|s| {
