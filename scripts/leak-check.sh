@@ -9,7 +9,7 @@
 # runs the tests with REDIS_SERVER pointing at a valgrind wrapper.
 #
 # Servers are stopped with SIGTERM (SLOTS_TEST_GRACEFUL=1) so that valgrind
-# writes its report; timeouts are stretched (SLOTS_TEST_SLOW=1).
+# writes its report.
 #
 # Verdict: the script fails if any "definitely lost" block has the module
 # (libslots.so) in its allocation stack. Leaks inside redis-server itself
@@ -57,7 +57,7 @@ chmod +x "$wrapper"
 
 cargo build -p slots
 SLOTS_MODULE="$root/target/debug/libslots.so" REDIS_SERVER="$wrapper" \
-  SLOTS_TEST_GRACEFUL=1 SLOTS_TEST_SLOW=1 \
+  SLOTS_TEST_GRACEFUL=1 \
   cargo test -p slotfork-tests -- --test-threads=2 ${1:+"$1"} || echo "leak-check: some tests failed under valgrind (slow); the leak verdict follows anyway"
 
 python3 - "$logs" <<'PY'

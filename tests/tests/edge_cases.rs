@@ -441,6 +441,7 @@ fn index_memory_is_released() {
 /// Background deletion is a write, so it stops while writes are paused
 /// (CLIENT PAUSE WRITE is what FAILOVER uses to let replicas catch up; Redis
 /// pauses expiry and eviction then, and asserts that nothing is propagated).
+#[test]
 fn slots_del_waits_during_client_pause_write() {
     let s = Server::start();
     let mut c = s.conn();
