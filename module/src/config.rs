@@ -1,68 +1,171 @@
 //! Module configs (`CONFIG GET slots.*`), also settable as module arguments:
 //! `loadmodule libslots.so hash-function crc16 index-mode counts-only`.
+//!
+//! Registered with the raw config API rather than the crate's helpers: those
+//! box a private-data block per config that is never freed, which leaks on
+//! every failed or unloaded MODULE LOAD.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int, c_longlong, c_void};
+use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
 
-use redis_module::configuration::EnumConfigurationValue;
-use redis_module::RedisError;
+use redis_module::raw;
 
+use crate::ffi::{guard, Ctx};
 use crate::index::IndexMode;
 use crate::slot::HashFunction;
 
-/// An enum config whose option names need not be Rust identifiers
-/// (`counts-only`), which the crate's `enum_configuration!` requires.
-macro_rules! enum_config {
-    ($name:ident { $($variant:ident = $val:expr => $text:expr),* $(,)? }) => {
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name { $($variant = $val),* }
-        impl TryFrom<i32> for $name {
-            type Error = RedisError;
-            fn try_from(v: i32) -> Result<Self, RedisError> {
-                match v {
-                    $(x if x == $val => Ok($name::$variant),)*
-                    _ => Err(RedisError::Str("unsupported value")),
-                }
-            }
-        }
-        impl From<$name> for i32 {
-            fn from(v: $name) -> i32 { v as i32 }
-        }
-        impl EnumConfigurationValue for $name {
-            fn get_options(&self) -> (Vec<String>, Vec<i32>) {
-                (vec![$($text.to_string()),*], vec![$($val),*])
-            }
-        }
-    };
-}
+const HASH_FUNCTIONS: [&str; 2] = ["crc32", "crc16"];
+const INDEX_MODES: [&str; 2] = ["full", "counts-only"];
+const STEP_BUDGET_RANGE: (i64, i64) = (50, 100_000);
 
-enum_config!(HashFunctionConfig { Crc32 = 0 => "crc32", Crc16 = 1 => "crc16" });
-enum_config!(IndexModeConfig { Full = 0 => "full", CountsOnly = 1 => "counts-only" });
-
-/// `slots.hash-function` (immutable: changing it would re-slot every key).
-pub static HASH_FUNCTION: Mutex<HashFunctionConfig> = Mutex::new(HashFunctionConfig::Crc32);
-/// `slots.index-mode` (immutable).
-pub static INDEX_MODE: Mutex<IndexModeConfig> = Mutex::new(IndexModeConfig::Full);
+/// `slots.hash-function`: index into HASH_FUNCTIONS (immutable: changing it
+/// would re-slot every key).
+static HASH_FUNCTION: AtomicI32 = AtomicI32::new(0);
+/// `slots.index-mode`: index into INDEX_MODES (immutable).
+static INDEX_MODE: AtomicI32 = AtomicI32::new(0);
 /// `slots.step-budget-us`: the longest one incremental step of ours (SLOTS.DEL,
-/// rehashing, counts-only key walks) may hold the event loop.
-pub static STEP_BUDGET_US: AtomicI64 = AtomicI64::new(500);
+/// rehashing, rebuilds, counts-only key walks) may hold the event loop.
+static STEP_BUDGET_US: AtomicI64 = AtomicI64::new(500);
 
 pub fn hash_function() -> HashFunction {
-    match *HASH_FUNCTION.lock().unwrap_or_else(|e| e.into_inner()) {
-        HashFunctionConfig::Crc32 => HashFunction::Crc32,
-        HashFunctionConfig::Crc16 => HashFunction::Crc16,
+    match HASH_FUNCTION.load(Ordering::Relaxed) {
+        1 => HashFunction::Crc16,
+        _ => HashFunction::Crc32,
     }
 }
 
 pub fn index_mode() -> IndexMode {
-    match *INDEX_MODE.lock().unwrap_or_else(|e| e.into_inner()) {
-        IndexModeConfig::Full => IndexMode::Full,
-        IndexModeConfig::CountsOnly => IndexMode::CountsOnly,
+    match INDEX_MODE.load(Ordering::Relaxed) {
+        1 => IndexMode::CountsOnly,
+        _ => IndexMode::Full,
     }
 }
 
 pub fn step_budget() -> std::time::Duration {
     std::time::Duration::from_micros(STEP_BUDGET_US.load(Ordering::Relaxed).max(1) as u64)
+}
+
+fn enum_static(name: &str) -> &'static AtomicI32 {
+    if name.ends_with("hash-function") {
+        &HASH_FUNCTION
+    } else {
+        &INDEX_MODE
+    }
+}
+
+unsafe extern "C" fn get_enum(name: *const c_char, _p: *mut c_void) -> c_int {
+    // SAFETY: the server passes the config's NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    guard(
+        "config get",
+        || 0,
+        || enum_static(&name).load(Ordering::Relaxed),
+    )
+}
+
+unsafe extern "C" fn set_enum(
+    name: *const c_char,
+    val: c_int,
+    _p: *mut c_void,
+    _e: *mut *mut raw::RedisModuleString,
+) -> c_int {
+    // SAFETY: as above. The server validated `val` against the options.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    enum_static(&name).store(val, Ordering::Relaxed);
+    raw::REDISMODULE_OK as c_int
+}
+
+unsafe extern "C" fn get_budget(_name: *const c_char, _p: *mut c_void) -> c_longlong {
+    STEP_BUDGET_US.load(Ordering::Relaxed)
+}
+
+unsafe extern "C" fn set_budget(
+    _n: *const c_char,
+    val: c_longlong,
+    _p: *mut c_void,
+    _e: *mut *mut raw::RedisModuleString,
+) -> c_int {
+    // The server checked the range.
+    STEP_BUDGET_US.store(val, Ordering::Relaxed);
+    raw::REDISMODULE_OK as c_int
+}
+
+/// The value given as a module argument for `name`, if any. `validate_module_args`
+/// has checked them all before this is used.
+fn arg<'a>(args: &[&'a [u8]], name: &str) -> Option<&'a [u8]> {
+    args.chunks(2)
+        .find(|p| p[0] == name.as_bytes())
+        .map(|p| p[1])
+}
+
+fn position(options: &[&str], value: Option<&[u8]>) -> i32 {
+    value
+        .and_then(|v| options.iter().position(|o| o.as_bytes() == v))
+        .unwrap_or(0) as i32
+}
+
+/// Registers the configs, with the module arguments as their values, then
+/// lets the server apply `slots.*` lines of its config file.
+pub fn register(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
+    let budget = arg(args, "step-budget-us")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+        .unwrap_or(500);
+    let rc_ok = raw::REDISMODULE_OK as c_int;
+    for (name, options) in [
+        ("hash-function", HASH_FUNCTIONS),
+        ("index-mode", INDEX_MODES),
+    ] {
+        let cname = CString::new(name).unwrap();
+        let names: Vec<CString> = options.iter().map(|o| CString::new(*o).unwrap()).collect();
+        let mut ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        let values: Vec<c_int> = (0..options.len() as c_int).collect();
+        let default = position(&options, arg(args, name));
+        // SAFETY: ctx is the OnLoad context; the server copies the name and
+        // option strings, which outlive the call.
+        let rc = unsafe {
+            raw::RedisModule_RegisterEnumConfig.unwrap()(
+                ctx.raw(),
+                cname.as_ptr(),
+                default,
+                raw::REDISMODULE_CONFIG_IMMUTABLE,
+                ptrs.as_mut_ptr(),
+                values.as_ptr(),
+                options.len() as c_int,
+                Some(get_enum),
+                Some(set_enum),
+                None,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != rc_ok {
+            return Err(format!("cannot register config {name}"));
+        }
+    }
+    let cname = CString::new("step-budget-us").unwrap();
+    // SAFETY: as above.
+    let rc = unsafe {
+        raw::RedisModule_RegisterNumericConfig.unwrap()(
+            ctx.raw(),
+            cname.as_ptr(),
+            budget,
+            raw::REDISMODULE_CONFIG_DEFAULT,
+            STEP_BUDGET_RANGE.0,
+            STEP_BUDGET_RANGE.1,
+            Some(get_budget),
+            Some(set_budget),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != rc_ok {
+        return Err("cannot register config step-budget-us".into());
+    }
+    // SAFETY: as above.
+    if unsafe { raw::RedisModule_LoadConfigs.unwrap()(ctx.raw()) } != rc_ok {
+        return Err("the server rejected a slots.* config value".into());
+    }
+    Ok(())
 }
 
 /// Checks the module arguments (`loadmodule libslots.so name value ...`)
@@ -82,7 +185,7 @@ pub fn validate_module_args(args: &[&[u8]]) -> Result<(), String> {
             b"hash-function" if ["crc32", "crc16"].contains(&value.as_ref()) => {}
             b"index-mode" if ["full", "counts-only"].contains(&value.as_ref()) => {}
             b"step-budget-us" => match value.parse::<i64>() {
-                Ok(v) if (50..=100_000).contains(&v) => {}
+                Ok(v) if (STEP_BUDGET_RANGE.0..=STEP_BUDGET_RANGE.1).contains(&v) => {}
                 _ => {
                     return Err(format!(
                         "step-budget-us must be an integer in 50..100000, got '{value}'"

@@ -9,7 +9,7 @@ use redis_module::raw;
 
 use crate::ffi::{self, guard, Ctx};
 use crate::state::with_state;
-use crate::{config, del_job, events, keys_job};
+use crate::{config, del_job, events, keys_job, rebuild};
 
 /// Period while there is work: every event-loop iteration gets one step.
 const BUSY_MS: i64 = 1;
@@ -41,7 +41,11 @@ fn work(ctx: Ctx) -> bool {
     }
     events::resync_pending(ctx);
     let mut busy = false;
-    if !with_state(|s| s.del.is_empty()) {
+    if with_state(|s| s.build.is_some()) {
+        busy |= rebuild::run(ctx, deadline);
+    }
+    // SLOTS.DEL reads the index to find keys: it waits for a rebuild too.
+    if !with_state(|s| s.del.is_empty() || s.build.is_some()) {
         // Deleting is writing: it waits while clients are paused for writes,
         // as the server's own expiry and eviction do.
         busy |= ffi::writes_paused() || del_job::run(ctx, deadline);
@@ -50,5 +54,5 @@ fn work(ctx: Ctx) -> bool {
         busy |= keys_job::run(ctx, deadline);
     }
     busy |= with_state(|s| s.dbs_mut().any(|d| d.rehash_until(deadline)));
-    busy || with_state(|s| !s.resync.is_empty())
+    busy || with_state(|s| !s.resync.is_empty() || s.build.is_some() || !s.del.is_empty())
 }

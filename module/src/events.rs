@@ -30,12 +30,12 @@
 //! database and is counted in INFO (`slots_index_resyncs`).
 
 use std::os::raw::{c_char, c_int, c_void};
-use std::time::Instant;
 
 use redis_module::raw;
 
 use crate::ffi::{self, guard, Ctx};
-use crate::index::{DbIndex, IndexMode};
+use crate::index::IndexMode;
+use crate::rebuild;
 use crate::state::{free_in_background, with_state};
 
 /// What an event means for the index.
@@ -179,7 +179,8 @@ fn on_key_changed(ctx: Ctx, effect: Effect, key: &[u8]) {
             }
             (Effect::Reconcile, _) => unreachable!("resolved above"),
         };
-        if !in_sync && !s.resync.contains(&db) {
+        // While a rebuild walks the keyspace the index is partial by design.
+        if !in_sync && s.build.is_none() && !s.resync.contains(&db) {
             redis_module::logging::log_warning(format!(
                 "slots: index of db {db} disagrees with the keyspace after a '{effect:?}' event (keys changed without a \
                  keyspace event, e.g. by another module); rebuilding it"
@@ -204,6 +205,7 @@ unsafe extern "C" fn on_loading(
             | raw::REDISMODULE_SUBEVENT_LOADING_REPL_START => {
                 let old = with_state(|s| {
                     s.loading = true;
+                    s.build = None;
                     s.del.cancel_all("a dataset is being loaded");
                     s.take_all()
                 });
@@ -212,7 +214,7 @@ unsafe extern "C" fn on_loading(
             _ => {
                 with_state(|s| s.loading = false);
                 // SAFETY: the event's context is live during this callback.
-                rebuild_all(unsafe { Ctx::from_raw(ctx) }, "loading ended");
+                rebuild::start(unsafe { Ctx::from_raw(ctx) }, "a dataset was loaded", None);
             }
         },
     );
@@ -278,74 +280,22 @@ unsafe extern "C" fn on_async_load(
         || {
             if sub == raw::REDISMODULE_SUBEVENT_REPL_ASYNC_LOAD_COMPLETED {
                 // SAFETY: the event's context is live during this callback.
-                rebuild_all(
+                rebuild::start(
                     unsafe { Ctx::from_raw(ctx) },
                     "replica finished an asynchronous load",
+                    None,
                 );
             }
         },
     );
 }
 
-/// Builds the index of `db` from its keyspace. The caller has selected `db`
-/// in `ctx`.
-pub fn build_from_keyspace(ctx: Ctx) -> DbIndex {
-    let mut idx = with_state(|s| s.new_db_index());
-    let hash = with_state(|s| s.hash);
-    ffi::scan_keyspace(ctx, &mut |key| {
-        idx.add(hash.slot(key), key);
-    });
-    idx
-}
-
-/// Rebuilds every database's index from the keyspace. Runs when the server
-/// has just loaded a dataset (it replies -LOADING until then anyway) or when
-/// the index was found out of sync.
-pub fn rebuild_all(ctx: Ctx, why: &str) {
-    let started = Instant::now();
-    let old = with_state(|s| {
-        s.resync.clear();
-        s.take_all()
-    });
-    free_in_background(old);
-    let original_db = ffi::selected_db(ctx);
-    let mut keys = 0;
-    let mut db = 0;
-    while ffi::select_db(ctx, db) {
-        if ffi::db_size(ctx) > 0 {
-            let idx = build_from_keyspace(ctx);
-            keys += idx.total();
-            with_state(|s| s.replace_db(db, Some(Box::new(idx))));
-        }
-        db += 1;
-    }
-    ffi::select_db(ctx, original_db);
-    let usec = started.elapsed().as_micros() as u64;
-    with_state(|s| {
-        s.stats.rebuilds += 1;
-        s.stats.last_rebuild_usec = usec;
-    });
-    redis_module::logging::log_notice(format!(
-        "slots: index rebuilt from the keyspace ({why}): {keys} keys in {db} databases, {:.1} ms",
-        usec as f64 / 1000.0
-    ));
-}
-
 /// Rebuilds the databases the event handlers found out of sync.
 pub fn resync_pending(ctx: Ctx) {
-    let Some(db) = with_state(|s| s.resync.pop()) else {
-        return;
-    };
-    let original_db = ffi::selected_db(ctx);
-    if ffi::select_db(ctx, db) {
-        let idx = build_from_keyspace(ctx);
-        let old = with_state(|s| {
-            s.stats.resyncs += 1;
-            s.replace_db(db, Some(Box::new(idx)))
-        });
-        free_in_background(old.into_iter().collect());
+    while let Some(db) = with_state(|s| s.resync.pop()) {
+        with_state(|s| s.stats.resyncs += 1);
+        rebuild::start(ctx, "the index disagreed with the keyspace", Some(db));
     }
-    ffi::select_db(ctx, original_db);
 }
 
 #[cfg(test)]

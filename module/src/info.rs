@@ -42,6 +42,14 @@ extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_
                     ("del_finished_slots", s.del.finished_slots.to_string()),
                     ("keys_jobs", s.keys_jobs.len().to_string()),
                     ("loading", (s.loading as u8).to_string()),
+                    ("index_building", (s.build.is_some() as u8).to_string()),
+                    (
+                        "index_build_percent",
+                        s.build
+                            .as_ref()
+                            .map_or(100, |b| b.percent_done())
+                            .to_string(),
+                    ),
                     ("index_rebuilds", s.stats.rebuilds.to_string()),
                     (
                         "index_last_rebuild_usec",

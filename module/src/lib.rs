@@ -6,6 +6,7 @@
 //! - `keyset.rs`: the compact per-slot key set (incremental rehash, scan)
 //! - `index.rs`: the per-database index (full or counts-only)
 //! - `events.rs`: keyspace and server events that keep the index exact
+//! - `rebuild.rs`: rebuilding the index from the keyspace after a load
 //! - `state.rs`: global state and its lock discipline
 //! - `commands/`: the SLOTS.* commands
 //! - `del_job.rs`, `keys_job.rs`, `cron.rs`: incremental background work
@@ -23,6 +24,7 @@ pub mod index;
 pub mod info;
 pub mod keys_job;
 pub mod keyset;
+pub mod rebuild;
 // The crate's allocator aborts outside a server, so unit tests (which run
 // without one) leave the registration, and with it the allocator, out.
 #[cfg(not(test))]

@@ -1,94 +1,137 @@
 //! The module's entry point: what `loadmodule libslots.so` registers.
+//!
+//! Written against the raw API instead of the crate's `redis_module!` macro,
+//! because the macro's OnLoad allocates (a detached context, a private-data
+//! box per config) before our code can reject bad arguments, and never frees
+//! it: every failed MODULE LOAD leaked. Here the arguments are checked
+//! first and nothing is allocated that outlives a failed load.
 
-use redis_module::{configuration::ConfigurationFlags, redis_module};
-use redis_module::{Context, RedisResult, RedisString, Status};
+use std::ffi::CString;
+use std::os::raw::c_int;
 
-use crate::commands::{check, del, lookup, run};
-use crate::{config, cron, events, ffi, info, state};
+use redis_module::raw;
+use redis_module::Context;
 
-type Alloc = redis_module::alloc::RedisAlloc;
-const ALLOC: Alloc = redis_module::alloc::RedisAlloc;
+use crate::commands::run;
+use crate::ffi::{self, Ctx};
+use crate::{config, cron, events, info, rebuild, state};
 
-fn slots_hashkey(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.HASHKEY", lookup::hashkey)
-}
-fn slots_info(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.INFO", lookup::info)
-}
-fn slots_count(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.COUNT", lookup::count)
-}
-fn slots_keys(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.KEYS", lookup::keys)
-}
-fn slots_scan(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.SCAN", lookup::scan)
-}
-fn slots_del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.DEL", del::del)
-}
-fn slots_check(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    run(ctx, args, "SLOTS.CHECK", check::check)
-}
+#[global_allocator]
+static ALLOCATOR: redis_module::alloc::RedisAlloc = redis_module::alloc::RedisAlloc;
 
-fn init(ctx: &Context, args: &[RedisString]) -> Status {
+/// Commands, their flags (all keyless: they name slots, not keys).
+const COMMANDS: [(&str, &str); 7] = [
+    ("slots.hashkey", "readonly fast"),
+    ("slots.info", "readonly"),
+    ("slots.count", "readonly fast"),
+    ("slots.keys", "readonly"),
+    ("slots.scan", "readonly"),
+    ("slots.del", "write"),
+    ("slots.check", "readonly"),
+];
+
+/// The C entry of every SLOTS.* command: dispatches on the command name.
+extern "C" fn command(
+    ctx: *mut raw::RedisModuleCtx,
+    argv: *mut *mut raw::RedisModuleString,
+    argc: c_int,
+) -> c_int {
     ffi::guard(
-        "module load",
-        || Status::Err,
+        "command",
+        || raw::REDISMODULE_OK as c_int,
         || {
-            let raw_args: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-            if let Err(e) = config::validate_module_args(&raw_args) {
-                ctx.log_warning(&format!("slots: refusing to load: {e}"));
-                return Status::Err;
-            }
-            let hash = config::hash_function();
-            let mode = config::index_mode();
-            state::init(state::State::new(hash, mode));
-            if let Err(e) = events::subscribe(ffi::Ctx::of(ctx)) {
-                ctx.log_warning(&format!("slots: {e}"));
-                return Status::Err;
-            }
-            info::register(ffi::Ctx::of(ctx));
-            // The module may be loaded into a server that already holds data
-            // (MODULE LOAD at runtime).
-            events::rebuild_all(ffi::Ctx::of(ctx), "module loaded");
-            cron::start(ffi::Ctx::of(ctx));
-            ctx.log_notice(&format!(
-                "slots: ready, hash function {} ({} slots), index mode {}",
-                hash.name(),
-                hash.slot_count(),
-                mode.name()
-            ));
-            Status::Ok
+            let context = Context::new(ctx);
+            let args = redis_module::decode_args(ctx, argv, argc);
+            let name = args
+                .first()
+                .map(|a| a.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            let result = run(&context, args, &name);
+            context.reply(result) as c_int
         },
     )
 }
 
-redis_module! {
-    name: "slots",
-    version: 1,
-    allocator: (Alloc, ALLOC),
-    data_types: [],
-    init: init,
-    commands: [
-        ["slots.hashkey", slots_hashkey, "readonly fast", 0, 0, 0, ""],
-        ["slots.info", slots_info, "readonly", 0, 0, 0, ""],
-        ["slots.count", slots_count, "readonly fast", 0, 0, 0, ""],
-        ["slots.keys", slots_keys, "readonly", 0, 0, 0, ""],
-        ["slots.scan", slots_scan, "readonly", 0, 0, 0, ""],
-        ["slots.del", slots_del, "write", 0, 0, 0, ""],
-        ["slots.check", slots_check, "readonly", 0, 0, 0, ""],
-    ],
-    configurations: [
-        i64: [
-            ["step-budget-us", &config::STEP_BUDGET_US, 500, 50, 100_000, ConfigurationFlags::DEFAULT, None],
-        ],
-        string: [],
-        bool: [],
-        enum: [
-            ["hash-function", &config::HASH_FUNCTION, config::HashFunctionConfig::Crc32, ConfigurationFlags::IMMUTABLE, None],
-            ["index-mode", &config::INDEX_MODE, config::IndexModeConfig::Full, ConfigurationFlags::IMMUTABLE, None],
-        ],
-        module_args_as_configuration: true,
-    ]
+/// # Safety
+/// Called by redis-server with a live context and `argc` argument strings.
+#[no_mangle]
+pub unsafe extern "C" fn RedisModule_OnLoad(
+    ctx: *mut raw::RedisModuleCtx,
+    argv: *mut *mut raw::RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    let err = raw::REDISMODULE_ERR as c_int;
+    // The module name lives in a static buffer: the allocator is not usable
+    // before RedisModule_Init has filled in the API.
+    // SAFETY: ctx is the OnLoad context; the name is NUL-terminated.
+    if unsafe {
+        raw::Export_RedisModule_Init(
+            ctx,
+            c"slots".as_ptr(),
+            1,
+            raw::REDISMODULE_APIVER_1 as c_int,
+        )
+    } == raw::Status::Err as c_int
+    {
+        return err;
+    }
+    ffi::guard(
+        "module load",
+        || err,
+        || {
+            // SAFETY: the OnLoad context is live for this call.
+            let c = unsafe { Ctx::from_raw(ctx) };
+            let args: Vec<&[u8]> = (0..argc.max(0) as usize)
+                // SAFETY: argv holds argc live strings for the duration of OnLoad.
+                .map(|i| unsafe { ffi::string_bytes(*argv.add(i)) })
+                .collect();
+            match load(c, &args) {
+                Ok(()) => raw::REDISMODULE_OK as c_int,
+                Err(e) => {
+                    redis_module::logging::log_warning(format!("slots: refusing to load: {e}"));
+                    err
+                }
+            }
+        },
+    )
+}
+
+fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
+    config::validate_module_args(args)?;
+    for (name, flags) in COMMANDS {
+        let cname = CString::new(name).unwrap();
+        let cflags = CString::new(flags).unwrap();
+        // SAFETY: the OnLoad context; the server copies name and flags.
+        let rc = unsafe {
+            raw::RedisModule_CreateCommand.unwrap()(
+                ctx.raw(),
+                cname.as_ptr(),
+                Some(command),
+                cflags.as_ptr(),
+                0,
+                0,
+                0,
+            )
+        };
+        if rc != raw::REDISMODULE_OK as c_int {
+            return Err(format!("cannot create command {name}"));
+        }
+    }
+    config::register(ctx, args)?;
+    let hash = config::hash_function();
+    let mode = config::index_mode();
+    state::init(state::State::new(hash, mode));
+    events::subscribe(ctx)?;
+    info::register(ctx);
+    // The module may be loaded into a server that already holds data
+    // (MODULE LOAD at runtime).
+    rebuild::start(ctx, "module loaded", None);
+    cron::start(ctx);
+    redis_module::logging::log_notice(format!(
+        "slots: ready, hash function {} ({} slots), index mode {}",
+        hash.name(),
+        hash.slot_count(),
+        mode.name()
+    ));
+    Ok(())
 }

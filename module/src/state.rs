@@ -9,9 +9,11 @@
 
 use std::sync::{Mutex, TryLockError};
 
+use crate::commands::wait_for_index::Waiter;
 use crate::del_job::DelQueue;
 use crate::index::{DbIndex, IndexMode};
 use crate::keys_job::KeysJobs;
+use crate::rebuild::Build;
 use crate::slot::HashFunction;
 
 #[derive(Default)]
@@ -33,6 +35,10 @@ pub struct State {
     pub loading: bool,
     /// Databases whose index must be rebuilt from the keyspace by the cron.
     pub resync: Vec<usize>,
+    /// A rebuild of the index from the keyspace in progress.
+    pub build: Option<Build>,
+    /// Clients whose command waits for the rebuild to end.
+    pub waiting: Vec<Waiter>,
     pub del: DelQueue,
     pub keys_jobs: KeysJobs,
     pub stats: Stats,
@@ -46,6 +52,8 @@ impl State {
             dbs: Vec::new(),
             loading: false,
             resync: Vec::new(),
+            build: None,
+            waiting: Vec::new(),
             del: DelQueue::default(),
             keys_jobs: KeysJobs::default(),
             stats: Stats::default(),
@@ -84,6 +92,17 @@ impl State {
         (self.dbs.get(db).and_then(|d| d.as_deref()), &mut self.del)
     }
 
+    /// The rebuild in progress together with the (created on demand) index
+    /// of `db`, for the rebuild's walk.
+    pub fn build_and_db(&mut self, db: usize) -> (Option<&mut Build>, &mut DbIndex) {
+        if self.dbs.len() <= db {
+            self.dbs.resize_with(db + 1, || None);
+        }
+        let (mode, slots) = (self.mode, self.hash.slot_count());
+        let idx = self.dbs[db].get_or_insert_with(|| Box::new(DbIndex::new(mode, slots)));
+        (self.build.as_mut(), idx)
+    }
+
     pub fn dbs(&self) -> impl Iterator<Item = (usize, &DbIndex)> {
         self.dbs
             .iter()
@@ -114,6 +133,9 @@ impl State {
         }
         self.dbs.swap(a, b);
         self.del.swap_dbs(a, b);
+        if let Some(b_) = self.build.as_mut() {
+            b_.swap_dbs(a, b);
+        }
     }
 
     pub fn keys_indexed(&self) -> u64 {

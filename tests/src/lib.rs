@@ -484,7 +484,10 @@ impl Server {
             // exit on its own so valgrind can write its leak report: SIGTERM
             // makes redis-server shut down cleanly.
             if std::env::var_os("SLOTS_TEST_GRACEFUL").is_some() {
-                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(c.id().to_string())
+                    .status();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while Instant::now() < deadline {
                     if let Ok(Some(_)) = c.try_wait() {

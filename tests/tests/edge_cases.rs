@@ -43,6 +43,13 @@ fn module_load_at_runtime_indexes_existing_keys() {
         } else {
             H
         };
+        // In full mode the index is built in the background after the load;
+        // INFO shows the progress and SLOTS.* commands wait for the end.
+        wait_until(
+            Duration::from_secs(30),
+            "index built after MODULE LOAD",
+            || slots_info_num(&mut c, "slots_index_building") == 0,
+        );
         assert_eq!(
             slots_info_num(&mut c, "slots_keys_indexed"),
             5030,

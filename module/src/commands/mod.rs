@@ -8,12 +8,33 @@ use crate::ffi::guard;
 pub mod check;
 pub mod del;
 pub mod lookup;
+pub mod wait_for_index;
 
 pub type Handler = fn(&Context, &[RedisString]) -> RedisResult;
 
-/// Runs a command handler; a panic becomes an error reply (and a log line),
+/// The handler of each command.
+pub fn dispatch(name: &str) -> Option<Handler> {
+    Some(match name {
+        "slots.hashkey" => lookup::hashkey,
+        "slots.info" => lookup::info,
+        "slots.count" => lookup::count,
+        "slots.keys" => lookup::keys,
+        "slots.scan" => lookup::scan,
+        "slots.del" => del::del,
+        "slots.check" => check::check,
+        _ => return None,
+    })
+}
+
+/// Whether the command reads the index, and so must wait while the index is
+/// rebuilt.
+fn reads_index(name: &str) -> bool {
+    name != "slots.hashkey"
+}
+
+/// Runs command `name`; a panic becomes an error reply (and a log line),
 /// never an abort of the server.
-pub fn run(ctx: &Context, args: Vec<RedisString>, name: &str, f: Handler) -> RedisResult {
+pub fn run(ctx: &Context, args: Vec<RedisString>, name: &str) -> RedisResult {
     guard(
         name,
         || {
@@ -21,7 +42,15 @@ pub fn run(ctx: &Context, args: Vec<RedisString>, name: &str, f: Handler) -> Red
                 "ERR internal error in the slots module, see the server log",
             ))
         },
-        || f(ctx, &args),
+        || {
+            let f = dispatch(name).ok_or(RedisError::Str("ERR unknown command"))?;
+            if reads_index(name) {
+                if let Some(reply) = wait_for_index::block_if_building(ctx) {
+                    return reply;
+                }
+            }
+            f(ctx, &args)
+        },
     )
 }
 
