@@ -50,40 +50,71 @@ rm -rf "$logs" && mkdir -p "$logs"
 wrapper="$logs/redis-server-valgrind"
 cat > "$wrapper" <<WRAP
 #!/bin/sh
-exec valgrind --leak-check=full --show-leak-kinds=definite --num-callers=40 \\
+exec valgrind --leak-check=full --show-leak-kinds=definite --num-callers=40 --keep-debuginfo=yes \\
   --log-file="$logs/vg-%p.log" "$server" "\$@"
 WRAP
 chmod +x "$wrapper"
 
-cargo build -p slots
-SLOTS_MODULE="$root/target/debug/libslots.so" REDIS_SERVER="$wrapper" \
-  SLOTS_TEST_GRACEFUL=1 \
-  cargo test -p slotfork-tests -- --test-threads=2 ${1:+"$1"} || echo "leak-check: some tests failed under valgrind (slow); the leak verdict follows anyway"
-
-python3 - "$logs" <<'PY'
+verdict() { # log-dir -> exit status 1 when a module leak is found
+python3 - "$1" <<'PY'
 import glob, re, sys
 logs = sorted(glob.glob(sys.argv[1] + "/vg-*.log"))
 module_leaks, other_leaks, reports = [], [], 0
+# Frames of the module: our crate, the redis-module crate linked into it, its
+# entry points. --keep-debuginfo keeps them named after an unload.
+ours = re.compile(r"slots::|redis_module::|RedisModule_OnLoad|RedisModule_OnUnload|libslots")
 for path in logs:
     text = open(path, errors="replace").read()
     if "LEAK SUMMARY" in text or "All heap blocks were freed" in text:
         reports += 1
-    # A loss record starts with "==pid== N bytes in M blocks are definitely lost"
-    # and runs until the next blank record line.
     for rec in re.split(r"==\d+== \n", text):
         if "definitely lost in loss record" not in rec:
             continue
-        (module_leaks if ("libslots" in rec or "slots::" in rec) else other_leaks).append((path, rec.strip()))
+        (module_leaks if ours.search(rec) else other_leaks).append((path, rec.strip()))
 print(f"leak-check: {len(logs)} server runs, {reports} with a leak report")
-for path, rec in other_leaks[:5]:
-    print(f"--- leak outside the module ({path}):\n{rec[:1500]}")
-for path, rec in module_leaks:
+for path, rec in other_leaks[:3]:
+    print(f"--- leak outside the module ({path}):\n{rec[:1200]}")
+for path, rec in module_leaks[:10]:
     print(f"--- LEAK IN THE MODULE ({path}):\n{rec}")
 if reports == 0:
     print("leak-check: no server produced a leak report; the check saw nothing")
     sys.exit(1)
 if module_leaks:
-    print(f"leak-check: FAILED, {len(module_leaks)} definite leak(s) attributable to the module")
+    print(f"leak-check: {len(module_leaks)} definite leak(s) attributable to the module")
     sys.exit(1)
-print(f"leak-check: OK, no definite leak attributable to the module ({len(other_leaks)} outside it)")
+print(f"leak-check: no definite leak attributable to the module ({len(other_leaks)} outside it)")
 PY
+}
+
+# 1. Self-test: a module built with a deliberate leak must be caught.
+echo "leak-check: self-test with a module that leaks on purpose"
+cargo build -p slots --features leak-selftest --target-dir "$root/target/leak-selftest"
+selftest="$logs/selftest"
+mkdir -p "$selftest"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+valgrind --leak-check=full --show-leak-kinds=definite --keep-debuginfo=yes --log-file="$selftest/vg-%p.log" \
+  "$server" --port "$port" --bind 127.0.0.1 --save "" --dir "$selftest" \
+  --loadmodule "$root/target/leak-selftest/debug/libslots.so" >/dev/null 2>&1 &
+vg=$!
+for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.2; done
+redis-cli -p "$port" slots.selftest-leak
+redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+wait $vg || true
+if verdict "$selftest"; then
+  echo "leak-check: FAILED: the planted leak was not detected; the check cannot be trusted"
+  exit 1
+fi
+echo "leak-check: self-test OK (the planted leak was detected)"
+
+# 2. The integration workload.
+cargo build -p slots
+SLOTS_MODULE="$root/target/debug/libslots.so" REDIS_SERVER="$wrapper" \
+  SLOTS_TEST_GRACEFUL=1 \
+  cargo test -p slotfork-tests -- --test-threads=2 ${1:+"$1"} || echo "leak-check: some tests failed under valgrind (slow); the leak verdict follows anyway"
+
+if verdict "$logs"; then
+  echo "leak-check: OK"
+else
+  echo "leak-check: FAILED"
+  exit 1
+fi

@@ -1,26 +1,81 @@
 //! The module's cron: a timer that drives everything incremental (SLOTS.DEL,
-//! counts-only key walks, index rehashing, rebuilds after an inconsistency),
-//! each tick within `slots.step-budget-us` of event-loop time.
+//! counts-only key walks, index rehashing, rebuilds), each tick within
+//! `slots.step-budget-us` of event-loop time.
+//!
+//! The timer exists only while there is work. The server refuses to unload a
+//! module that holds a timer, so a permanent one would make MODULE UNLOAD
+//! impossible. Instead, a before-sleep hook (run once per event-loop
+//! iteration, after the commands of that iteration) arms the timer when some
+//! command or event has queued work.
 
-use std::os::raw::c_void;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use redis_module::raw;
 
 use crate::ffi::{self, guard, Ctx};
-use crate::state::with_state;
+use crate::state::{with_state, State};
 use crate::{config, del_job, events, keys_job, rebuild};
 
-/// Period while there is work: every event-loop iteration gets one step.
+/// Period while there is work: about one step per event-loop iteration.
 const BUSY_MS: i64 = 1;
-/// Period when idle: enough to pick up new work promptly, cheap otherwise.
-const IDLE_MS: i64 = 10;
 
-pub fn start(ctx: Ctx) {
-    arm(ctx, IDLE_MS);
+/// Whether our timer is pending (only touched on the main thread).
+static ARMED: AtomicBool = AtomicBool::new(false);
+
+pub fn subscribe(ctx: Ctx) -> Result<(), String> {
+    let event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_EVENTLOOP,
+        dataver: 1,
+    };
+    // SAFETY: ctx is the OnLoad context; the callback is a plain extern fn.
+    let rc = unsafe {
+        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.raw(), event, Some(before_sleep))
+    };
+    if rc != raw::REDISMODULE_OK as c_int {
+        return Err("cannot subscribe to the event-loop event".into());
+    }
+    ARMED.store(false, Ordering::Relaxed);
+    Ok(())
+}
+
+fn has_work(s: &State) -> bool {
+    s.build.is_some()
+        || !s.del.is_empty()
+        || !s.keys_jobs.is_empty()
+        || !s.resync.is_empty()
+        || s.dbs().any(|(_, d)| d.is_rehashing())
+}
+
+/// Whether anything is queued; MODULE UNLOAD waits for this to be false.
+pub fn busy() -> bool {
+    ARMED.load(Ordering::Relaxed) || with_state(|s| has_work(s))
+}
+
+unsafe extern "C" fn before_sleep(
+    ctx: *mut raw::RedisModuleCtx,
+    _e: raw::RedisModuleEvent,
+    sub: u64,
+    _d: *mut c_void,
+) {
+    if sub != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP || ARMED.load(Ordering::Relaxed) {
+        return;
+    }
+    guard(
+        "event loop hook",
+        || (),
+        || {
+            if with_state(|s| !s.loading && has_work(s)) {
+                // SAFETY: the event's context is live during this callback.
+                arm(unsafe { Ctx::from_raw(ctx) }, BUSY_MS);
+            }
+        },
+    );
 }
 
 fn arm(ctx: Ctx, ms: i64) {
+    ARMED.store(true, Ordering::Relaxed);
     // SAFETY: ctx is a live context; the callback takes no data.
     unsafe {
         raw::RedisModule_CreateTimer.unwrap()(ctx.raw(), ms, Some(tick), std::ptr::null_mut());
@@ -28,10 +83,12 @@ fn arm(ctx: Ctx, ms: i64) {
 }
 
 extern "C" fn tick(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
+    ARMED.store(false, Ordering::Relaxed);
     // SAFETY: the timer's context is live during this callback.
     let ctx = unsafe { Ctx::from_raw(ctx) };
-    let busy = guard("cron", || false, || work(ctx));
-    arm(ctx, if busy { BUSY_MS } else { IDLE_MS });
+    if guard("cron", || false, || work(ctx)) {
+        arm(ctx, BUSY_MS);
+    }
 }
 
 fn work(ctx: Ctx) -> bool {

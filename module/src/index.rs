@@ -142,6 +142,10 @@ impl DbIndex {
         self.sets.get(slot).is_some_and(|s| s.contains(key))
     }
 
+    pub fn is_rehashing(&self) -> bool {
+        !self.rehashing.is_empty()
+    }
+
     /// Bytes held by the index of this database.
     pub fn bytes(&self) -> usize {
         let base = std::mem::size_of::<DbIndex>()

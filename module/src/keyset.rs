@@ -129,15 +129,22 @@ unsafe fn entry_set_next(e: NonNull<EntryHeader>, next: Link) {
     (*e.as_ptr()).next = next;
 }
 
-fn hasher() -> &'static ahash::RandomState {
-    // Keys come from clients: a keyed hash keeps an attacker from choosing
-    // keys that all land in one bucket.
-    static STATE: OnceLock<ahash::RandomState> = OnceLock::new();
-    STATE.get_or_init(ahash::RandomState::new)
+fn hasher() -> &'static foldhash::fast::FixedState {
+    // Keys come from clients: a per-process random seed keeps an attacker
+    // from choosing keys that all land in one bucket. (Not ahash's RandomState:
+    // it allocates a global random source that is never freed, which leaks
+    // on every MODULE UNLOAD.)
+    static STATE: OnceLock<foldhash::fast::FixedState> = OnceLock::new();
+    STATE.get_or_init(|| {
+        use std::hash::BuildHasher;
+        let seed = std::collections::hash_map::RandomState::new().hash_one(0x5107_f0e4_u64);
+        foldhash::fast::FixedState::with_seed(seed)
+    })
 }
 
 #[inline]
 fn hash_key(key: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
     hasher().hash_one(key)
 }
 

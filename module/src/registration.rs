@@ -30,6 +30,18 @@ const COMMANDS: [(&str, &str); 7] = [
     ("slots.check", "readonly"),
 ];
 
+/// Leaks 4 KiB on purpose (feature `leak-selftest` only; see Cargo.toml).
+#[cfg(feature = "leak-selftest")]
+extern "C" fn selftest_leak(
+    ctx: *mut raw::RedisModuleCtx,
+    _argv: *mut *mut raw::RedisModuleString,
+    _argc: c_int,
+) -> c_int {
+    std::mem::forget(vec![0x5au8; 4096]);
+    redis_module::Context::new(ctx).reply_simple_string("LEAKED");
+    raw::REDISMODULE_OK as c_int
+}
+
 /// The C entry of every SLOTS.* command: dispatches on the command name.
 extern "C" fn command(
     ctx: *mut raw::RedisModuleCtx,
@@ -117,6 +129,19 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
             return Err(format!("cannot create command {name}"));
         }
     }
+    #[cfg(feature = "leak-selftest")]
+    // SAFETY: the OnLoad context; static strings.
+    unsafe {
+        raw::RedisModule_CreateCommand.unwrap()(
+            ctx.raw(),
+            c"slots.selftest-leak".as_ptr(),
+            Some(selftest_leak),
+            c"".as_ptr(),
+            0,
+            0,
+            0,
+        );
+    }
     config::register(ctx, args)?;
     let hash = config::hash_function();
     let mode = config::index_mode();
@@ -126,7 +151,7 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
     // The module may be loaded into a server that already holds data
     // (MODULE LOAD at runtime).
     rebuild::start(ctx, "module loaded", None);
-    cron::start(ctx);
+    cron::subscribe(ctx)?;
     redis_module::logging::log_notice(format!(
         "slots: ready, hash function {} ({} slots), index mode {}",
         hash.name(),
@@ -134,4 +159,28 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
         mode.name()
     ));
     Ok(())
+}
+
+/// MODULE UNLOAD: refused while background work is queued (the server
+/// already refuses while clients are blocked on us); otherwise frees the
+/// index, so an unload/load cycle leaks nothing.
+///
+/// # Safety
+/// Called by redis-server with a live context.
+#[no_mangle]
+pub unsafe extern "C" fn RedisModule_OnUnload(_ctx: *mut raw::RedisModuleCtx) -> c_int {
+    ffi::guard(
+        "module unload",
+        || raw::REDISMODULE_ERR as c_int,
+        || {
+            if cron::busy() {
+                redis_module::logging::log_warning(
+                "slots: unload refused: background work (SLOTS.DEL, index rebuild) is in progress; retry when INFO slots shows none",
+            );
+                return raw::REDISMODULE_ERR as c_int;
+            }
+            state::shutdown();
+            raw::REDISMODULE_OK as c_int
+        },
+    )
 }

@@ -161,6 +161,20 @@ pub fn init(state: State) {
     *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
 }
 
+/// Drops the state (MODULE UNLOAD), waiting for background frees: the code
+/// they run is about to be unmapped.
+pub fn shutdown() {
+    let state = STATE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(state);
+    let pending = std::mem::take(&mut *FREEING.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in pending {
+        let _ = t.join();
+    }
+}
+
+/// Threads freeing old indexes.
+static FREEING: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
 /// Runs `f` with the state. Panics (caught by the callback's guard) if the
 /// state is already borrowed, which would be a re-entrancy bug.
 pub fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
@@ -198,13 +212,18 @@ pub fn free_in_background(indexes: Vec<Box<DbIndex>>) {
         drop(indexes);
         return;
     }
-    if let Err(e) = std::thread::Builder::new()
+    let mut threads = FREEING.lock().unwrap_or_else(|e| e.into_inner());
+    threads.retain(|t| !t.is_finished());
+    match std::thread::Builder::new()
         .name("slots-free".into())
         .spawn(move || drop(indexes))
     {
-        // The closure (and the index in it) was dropped here, on the main thread.
-        redis_module::logging::log_warning(format!(
-            "slots: no thread to free the old index ({e}); freed it inline"
-        ));
+        Ok(t) => threads.push(t),
+        Err(e) => {
+            // The closure (and the index in it) was dropped here, on the main thread.
+            redis_module::logging::log_warning(format!(
+                "slots: no thread to free the old index ({e}); freed it inline"
+            ));
+        }
     }
 }
