@@ -148,6 +148,26 @@ fn hash_key(key: &[u8]) -> u64 {
     hasher().hash_one(key)
 }
 
+/// A bucket array of `n` empty chains, from zeroed memory: a big table costs
+/// no page touching until buckets are used (see alloc.rs).
+fn zeroed_buckets(n: usize) -> Box<[Link]> {
+    if n == 0 {
+        return Box::new([]);
+    }
+    let layout = Layout::array::<Link>(n).expect("bucket array size overflows");
+    // SAFETY: `Option<NonNull<_>>` is guaranteed to represent `None` as the
+    // all-zero bit pattern, so zeroed memory is `n` valid empty links; the
+    // layout is non-zero sized and the box takes ownership of the block with
+    // the same layout it will be freed with.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<Link>();
+        if p.is_null() {
+            handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n))
+    }
+}
+
 #[derive(Default)]
 struct Table {
     buckets: Box<[Link]>,
@@ -157,7 +177,7 @@ struct Table {
 impl Table {
     fn with_size(size: usize) -> Table {
         Table {
-            buckets: vec![None; size].into_boxed_slice(),
+            buckets: zeroed_buckets(size),
             used: 0,
         }
     }

@@ -13,7 +13,10 @@
 //! - `config.rs`, `info.rs`: module configs and the INFO section
 //! - `ffi.rs`: safe wrappers over raw module API calls, the panic guard
 //! - `registration.rs`: the module's entry point (commands, configs, init)
+//! - `alloc.rs`: the global allocator (the server's, including calloc/realloc)
 
+#[cfg(not(test))]
+mod alloc;
 pub mod commands;
 pub mod config;
 pub mod cron;

@@ -17,7 +17,7 @@ use crate::ffi::{self, Ctx};
 use crate::{config, cron, events, info, rebuild, state};
 
 #[global_allocator]
-static ALLOCATOR: redis_module::alloc::RedisAlloc = redis_module::alloc::RedisAlloc;
+static ALLOCATOR: crate::alloc::ServerAlloc = crate::alloc::ServerAlloc;
 
 /// Commands, their flags (all keyless: they name slots, not keys).
 const COMMANDS: [(&str, &str); 7] = [
