@@ -110,7 +110,12 @@ echo "leak-check: self-test OK (the planted leak was detected)"
 cargo build -p slots
 SLOTS_MODULE="$root/target/debug/libslots.so" REDIS_SERVER="$wrapper" \
   SLOTS_TEST_GRACEFUL=1 \
-  cargo test -p slotfork-tests -- --test-threads=2 ${1:+"$1"} || echo "leak-check: some tests failed under valgrind (slow); the leak verdict follows anyway"
+  cargo test -p slotfork-tests --no-fail-fast -- --test-threads=2 ${1:+"$1"} >"$logs/tests.log" 2>&1 \
+  || echo "leak-check: some tests failed under valgrind (timeouts: everything is ~30x slower); see $logs/tests.log"
+# The workload's own pass/fail is not the verdict here (scripts/test.sh runs
+# the same tests at full speed); its output stays in the log so that CI reads
+# the real test run's summary, not this one's.
+grep -E '^test result' "$logs/tests.log" | awk '{p+=$4; f+=$6} END {print "leak-check: workload ran " p+f " tests under valgrind (" f " did not finish in time or failed)"}' 
 
 if verdict "$logs"; then
   echo "leak-check: OK"

@@ -18,3 +18,7 @@ export SLOTS_MODULE="$root/target/debug/libslots.so"
 export REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server)}"
 echo "== unit and integration tests (redis-server: $REDIS_SERVER)"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+if [ "${LEAK_CHECK:-1}" = 1 ]; then
+  echo "== leak check (valgrind; LEAK_CHECK=0 skips it)"
+  bash scripts/leak-check.sh
+fi

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Hot-path cost of the slots module in CPU instructions, which (unlike
+# throughput) do not depend on what else the machine is doing: the same
+# commands are sent to redis-server running under callgrind, once without
+# and once with the module, and only instructions executed inside
+# processCommand() (the command, the keyspace events it fires, our
+# callbacks) are counted.
+# Usage: bench/index/instructions.sh [N=100000]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+n=${1:-100000}
+bash scripts/deps.sh
+cargo build --release -p slots >/dev/null
+module="$root/target/release/libslots.so"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+python3 - "$n" > "$work/new.resp" <<'PY'
+import sys
+n = int(sys.argv[1])
+out = sys.stdout.buffer
+for i in range(n):
+    k = b"key:%010d" % i
+    out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$3\r\nval\r\n" % (len(k), k))
+PY
+python3 - "$n" > "$work/get.resp" <<'PY'
+import sys
+n = int(sys.argv[1])
+out = sys.stdout.buffer
+for i in range(n):
+    k = b"key:%010d" % i
+    out.write(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
+PY
+python3 - "$n" > "$work/del.resp" <<'PY'
+import sys
+n = int(sys.argv[1])
+out = sys.stdout.buffer
+for i in range(n):
+    k = b"key:%010d" % i
+    out.write(b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(k), k))
+PY
+
+# Instructions executed inside processCommand for the given command files,
+# sent in order (each file is a phase of N commands).
+total() { # outname [files...] -- [server args...]
+  local name=$1; shift
+  local files=()
+  while [ "$1" != "--" ]; do files+=("$1"); shift; done
+  shift
+  local port=7311
+  valgrind --tool=callgrind --toggle-collect=processCommand --callgrind-out-file="$work/cg.$name" \
+    redis-server --port $port --bind 127.0.0.1 --save "" --appendonly no --dir "$work" "$@" >/dev/null 2>&1 &
+  local pid=$!
+  for _ in $(seq 150); do redis-cli -p $port ping >/dev/null 2>&1 && break; sleep 0.2; done
+  for f in "${files[@]}"; do redis-cli -p $port --pipe < "$work/$f.resp" >/dev/null; done
+  redis-cli -p $port shutdown nosave >/dev/null 2>&1 || true
+  wait $pid || true
+  callgrind_annotate "$work/cg.$name" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}'
+}
+
+# The cost of a phase = total(setup + phase) - total(setup): counts are
+# deterministic, so the difference is exact (the PING/SHUTDOWN around them
+# cancel out).
+printf "%-20s %16s %16s %8s\n" "" "without module" "with module" ratio
+for variant in base mod; do
+  args=(); [ $variant = mod ] && args=(--loadmodule "$module")
+  e=$(total "$variant-empty" -- "${args[@]}")
+  s=$(total "$variant-set" new -- "${args[@]}")
+  o=$(total "$variant-over" new new -- "${args[@]}")
+  g=$(total "$variant-get" new get -- "${args[@]}")
+  d=$(total "$variant-del" new del -- "${args[@]}")
+  echo "$variant $((s-e)) $((o-s)) $((g-s)) $((d-s))" >> "$work/results"
+done
+python3 - "$work/results" "$n" <<'PY'
+import sys
+rows = {l.split()[0]: list(map(int, l.split()[1:])) for l in open(sys.argv[1])}
+n = int(sys.argv[2])
+for i, label in enumerate(["SET (new key)", "SET (existing key)", "GET", "DEL"]):
+    a, b = rows["base"][i], rows["mod"][i]
+    print(f"{label:20s} {a/n:11.0f} Ir/op {b/n:11.0f} Ir/op {b/a:8.3f}")
+PY
