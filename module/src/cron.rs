@@ -6,7 +6,8 @@
 //! module that holds a timer, so a permanent one would make MODULE UNLOAD
 //! impossible. Instead, a before-sleep hook (run once per event-loop
 //! iteration, after the commands of that iteration) arms the timer when some
-//! command or event has queued work.
+//! command or event has queued work. The same hook runs the index's
+//! end-of-iteration consistency check (events.rs).
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,16 +60,18 @@ unsafe extern "C" fn before_sleep(
     sub: u64,
     _d: *mut c_void,
 ) {
-    if sub != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP || ARMED.load(Ordering::Relaxed) {
+    if sub != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP {
         return;
     }
     guard(
         "event loop hook",
         || (),
         || {
-            if with_state(|s| !s.loading && has_work(s)) {
-                // SAFETY: the event's context is live during this callback.
-                arm(unsafe { Ctx::from_raw(ctx) }, BUSY_MS);
+            // SAFETY: the event's context is live during this callback.
+            let ctx = unsafe { Ctx::from_raw(ctx) };
+            events::check_touched(ctx);
+            if !ARMED.load(Ordering::Relaxed) && with_state(|s| !s.loading && has_work(s)) {
+                arm(ctx, BUSY_MS);
             }
         },
     );

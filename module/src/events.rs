@@ -21,13 +21,21 @@
 //! For events whose meaning we do not know (other GENERIC events, events of
 //! future versions), we look the key up instead of guessing.
 //!
-//! Counts-only mode keeps no names, so it cannot tell "new" from "new name
-//! that was already there" by itself. It uses the invariant that the index
-//! holds exactly as many keys as the database: after a real addition the
-//! server has one key more than we counted, after a replace the same number.
-//! Full mode checks the same invariant to catch changes no event announces
-//! (another module's RM_DeleteKey); a mismatch schedules a rebuild of that
-//! database and is counted in INFO (`slots_index_resyncs`).
+//! Counts-only mode keeps no names, so it cannot tell by itself whether a
+//! `new` key replaced one of the same name (RESTORE/COPY ... REPLACE, RENAME
+//! onto an existing key: the server deletes the old key without an event,
+//! then adds the new one). It counts every `new`, and when the command's last
+//! event for that key arrives (`restore`, `copy_to`, `rename_to`) it compares
+//! its total with the server's key count: one key too many means the key
+//! replaced another of the same name, hence of the same slot.
+//!
+//! Both modes then check, once per event-loop iteration (when no command is
+//! half-done), that each touched database holds exactly as many keys as its
+//! index. A mismatch means keys changed without any event (another module's
+//! RM_DeleteKey): the database's index is rebuilt, counted in INFO
+//! (`slots_index_resyncs`). The check cannot run per event: servers differ
+//! in the order of a command's silent deletes and its additions (Valkey's
+//! RENAME deletes the source before it adds the destination).
 
 use std::os::raw::{c_char, c_int, c_void};
 
@@ -45,6 +53,9 @@ enum Effect {
     Added,
     /// The key exists (already announced by `new`); make sure it is indexed.
     Present,
+    /// The last event of a command that may have replaced the key silently
+    /// (RESTORE, COPY, RENAME): the key exists.
+    MaybeReplaced,
     /// The key was removed from the database.
     Removed,
     /// Unknown meaning: look the key up.
@@ -57,9 +68,8 @@ fn classify(class: c_int, event: &[u8]) -> Effect {
     }
     match event {
         b"del" | b"expired" | b"evicted" | b"rename_from" | b"move_from" => Effect::Removed,
-        b"rename_to" | b"move_to" | b"copy_to" | b"restore" | b"expire" | b"persist" => {
-            Effect::Present
-        }
+        b"rename_to" | b"copy_to" | b"restore" => Effect::MaybeReplaced,
+        b"move_to" | b"expire" | b"persist" => Effect::Present,
         _ => Effect::Reconcile,
     }
 }
@@ -116,6 +126,7 @@ extern "C" fn on_keyspace_event(
             // SAFETY: ctx and key are live for the duration of this callback.
             let (ctx, key) = unsafe { (Ctx::from_raw(ctx), ffi::string_bytes(key)) };
             on_key_changed(ctx, classify(class, event), key);
+            crate::valkey_db_fix::after_event(ctx, event, key, ffi::selected_db(ctx));
         },
     );
     raw::REDISMODULE_OK as c_int
@@ -126,7 +137,10 @@ fn on_key_changed(ctx: Ctx, effect: Effect, key: &[u8]) {
     let effect = match effect {
         // Look up outside the state lock: a lookup may expire the key.
         Effect::Reconcile => {
-            if with_state(|s| s.loading) {
+            if with_state(|s| s.loading || s.mode == IndexMode::CountsOnly) {
+                // Counts-only cannot tell whether it counted the key; the
+                // end-of-iteration check covers it.
+                with_state(|s| s.touch(db));
                 return;
             }
             if ffi::key_exists(ctx, key) {
@@ -137,57 +151,72 @@ fn on_key_changed(ctx: Ctx, effect: Effect, key: &[u8]) {
         }
         e => e,
     };
-    let db_size = ffi::db_size(ctx);
+    let counts_only_replace_check =
+        effect == Effect::MaybeReplaced && with_state(|s| s.mode) == IndexMode::CountsOnly;
+    let db_size = if counts_only_replace_check {
+        ffi::db_size(ctx)
+    } else {
+        0
+    };
     with_state(|s| {
         if s.loading {
             return;
         }
+        s.touch(db);
         let slot = s.slot(key);
         let mode = s.mode;
         let idx = s.db_mut(db);
-        let in_sync = match (effect, mode) {
-            (Effect::Added, IndexMode::Full) => {
+        match (effect, mode) {
+            (Effect::Added, _) => {
                 idx.add(slot, key);
-                idx.total() == db_size
             }
-            (Effect::Added, IndexMode::CountsOnly) => {
-                // One key more than we counted: a real addition. The same
-                // number: the key replaced one of the same name.
-                if idx.total() + 1 == db_size {
-                    idx.add(slot, key);
-                    true
-                } else {
-                    idx.total() == db_size
-                }
-            }
-            (Effect::Present, IndexMode::Full) => {
+            (Effect::Present | Effect::MaybeReplaced, IndexMode::Full) => {
                 idx.add(slot, key);
-                true
             }
-            (Effect::Present, IndexMode::CountsOnly) => true,
-            (Effect::Removed, IndexMode::Full) => {
-                idx.remove(slot, key);
-                true
-            }
-            (Effect::Removed, IndexMode::CountsOnly) => {
+            (Effect::Present, IndexMode::CountsOnly) => {}
+            (Effect::MaybeReplaced, IndexMode::CountsOnly) => {
                 if idx.total() == db_size + 1 {
                     idx.remove(slot, key);
-                    true
-                } else {
-                    idx.total() == db_size
                 }
             }
+            (Effect::Removed, _) => {
+                idx.remove(slot, key);
+            }
             (Effect::Reconcile, _) => unreachable!("resolved above"),
-        };
-        // While a rebuild walks the keyspace the index is partial by design.
-        if !in_sync && s.build.is_none() && !s.resync.contains(&db) {
-            redis_module::logging::log_warning(format!(
-                "slots: index of db {db} disagrees with the keyspace after a '{effect:?}' event (keys changed without a \
-                 keyspace event, e.g. by another module); rebuilding it"
-            ));
-            s.request_resync(db);
         }
     });
+}
+
+/// The end-of-iteration check (see the top of this file): every database
+/// touched since the last check holds as many keys as its index.
+pub fn check_touched(ctx: Ctx) {
+    let touched = with_state(|s| {
+        if s.loading || s.build.is_some() {
+            return Vec::new();
+        }
+        std::mem::take(&mut s.touched)
+    });
+    if touched.is_empty() {
+        return;
+    }
+    let original_db = ffi::selected_db(ctx);
+    for db in touched {
+        if !ffi::select_db(ctx, db) {
+            continue;
+        }
+        let stored = ffi::db_size(ctx);
+        with_state(|s| {
+            let indexed = s.db(db).map_or(0, |d| d.total());
+            if indexed != stored && !s.resync.contains(&db) {
+                redis_module::logging::log_warning(format!(
+                    "slots: index of db {db} holds {indexed} keys but the database {stored} (keys changed without a \
+                     keyspace event, e.g. by another module); rebuilding it"
+                ));
+                s.request_resync(db);
+            }
+        });
+    }
+    ffi::select_db(ctx, original_db);
 }
 
 unsafe extern "C" fn on_loading(
@@ -320,7 +349,8 @@ mod tests {
             classify(raw::NotifyEvent::EVICTED.bits(), b"evicted"),
             Effect::Removed
         );
-        assert_eq!(classify(generic, b"rename_to"), Effect::Present);
+        assert_eq!(classify(generic, b"rename_to"), Effect::MaybeReplaced);
+        assert_eq!(classify(generic, b"move_to"), Effect::Present);
         assert_eq!(classify(generic, b"something_new"), Effect::Reconcile);
     }
 }

@@ -11,6 +11,7 @@
 //! - `commands/`: the SLOTS.* commands
 //! - `del_job.rs`, `keys_job.rs`, `cron.rs`: incremental background work
 //! - `config.rs`, `info.rs`: module configs and the INFO section
+//! - `valkey_db_fix.rs`: workaround for Valkey 8.1 leaving clients on the wrong db
 //! - `ffi.rs`: safe wrappers over raw module API calls, the panic guard
 //! - `registration.rs`: the module's entry point (commands, configs, init)
 //! - `alloc.rs`: the global allocator (the server's, including calloc/realloc)
@@ -34,3 +35,4 @@ pub mod rebuild;
 mod registration;
 pub mod slot;
 pub mod state;
+pub mod valkey_db_fix;

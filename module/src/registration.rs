@@ -14,7 +14,7 @@ use redis_module::Context;
 
 use crate::commands::run;
 use crate::ffi::{self, Ctx};
-use crate::{config, cron, events, info, rebuild, state};
+use crate::{config, cron, events, info, rebuild, state, valkey_db_fix};
 
 #[global_allocator]
 static ALLOCATOR: crate::alloc::ServerAlloc = crate::alloc::ServerAlloc;
@@ -147,6 +147,7 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
     let mode = config::index_mode();
     state::init(state::State::new(hash, mode));
     events::subscribe(ctx)?;
+    valkey_db_fix::install(ctx)?;
     info::register(ctx);
     // The module may be loaded into a server that already holds data
     // (MODULE LOAD at runtime).
@@ -180,6 +181,7 @@ pub unsafe extern "C" fn RedisModule_OnUnload(_ctx: *mut raw::RedisModuleCtx) ->
                 return raw::REDISMODULE_ERR as c_int;
             }
             state::shutdown();
+            valkey_db_fix::uninstall();
             raw::REDISMODULE_OK as c_int
         },
     )

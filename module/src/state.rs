@@ -35,6 +35,8 @@ pub struct State {
     pub loading: bool,
     /// Databases whose index must be rebuilt from the keyspace by the cron.
     pub resync: Vec<usize>,
+    /// Databases changed since the last end-of-iteration check.
+    pub touched: Vec<usize>,
     /// A rebuild of the index from the keyspace in progress.
     pub build: Option<Build>,
     /// Clients whose command waits for the rebuild to end.
@@ -52,6 +54,7 @@ impl State {
             dbs: Vec::new(),
             loading: false,
             resync: Vec::new(),
+            touched: Vec::new(),
             build: None,
             waiting: Vec::new(),
             del: DelQueue::default(),
@@ -146,6 +149,12 @@ impl State {
         std::mem::size_of::<State>()
             + self.dbs.capacity() * 8
             + self.dbs().map(|(_, d)| d.bytes()).sum::<usize>()
+    }
+
+    pub fn touch(&mut self, db: usize) {
+        if self.touched.last() != Some(&db) && !self.touched.contains(&db) {
+            self.touched.push(db);
+        }
     }
 
     pub fn request_resync(&mut self, db: usize) {

@@ -216,3 +216,57 @@ fn flushall_inside_multi_and_script() {
     assert_exact(&mut c, H);
     let _ = Duration::from_secs(0);
 }
+
+/// The client stays on its database after MOVE and COPY ... DB, also inside
+/// MULTI after a queued SELECT. (Valkey 8.1 leaves it on the destination
+/// database when any module subscribes to keyspace events; the module puts
+/// it back. On Redis this holds anyway.)
+#[test]
+fn client_db_unchanged_by_move_and_copy() {
+    let s = Server::start();
+    let mut c = s.conn();
+    let db_of = |c: &mut redis::Connection| -> String {
+        let info = as_string(&ok(c, &["CLIENT", "INFO"]));
+        info.split(' ')
+            .find_map(|f| f.strip_prefix("db=").map(str::to_string))
+            .expect("db= in CLIENT INFO")
+    };
+    ok(&mut c, &["SET", "m1", "v"]);
+    ok(&mut c, &["MOVE", "m1", "3"]);
+    assert_eq!(db_of(&mut c), "0", "after MOVE");
+    ok(&mut c, &["SET", "c1", "v"]);
+    ok(&mut c, &["COPY", "c1", "c1", "DB", "4"]);
+    assert_eq!(db_of(&mut c), "0", "after COPY ... DB");
+    // In a transaction: SELECT 2, then COPY from db 2 to db 5, then a SET
+    // that must land in db 2.
+    ok(&mut c, &["SELECT", "2"]);
+    ok(&mut c, &["SET", "c2", "v"]);
+    ok(&mut c, &["SELECT", "0"]);
+    let mut p = redis::pipe();
+    p.atomic()
+        .cmd("SELECT")
+        .arg(2)
+        .cmd("COPY")
+        .arg("c2")
+        .arg("c2")
+        .arg("DB")
+        .arg(5)
+        .cmd("SET")
+        .arg("after-copy")
+        .arg("v")
+        .cmd("MOVE")
+        .arg("after-copy")
+        .arg(6)
+        .cmd("SET")
+        .arg("after-move")
+        .arg("v");
+    let _: redis::Value = p.query(&mut c).unwrap();
+    assert_eq!(db_of(&mut c), "2", "after MULTI");
+    let mut c2 = s.conn_db(2);
+    assert_eq!(as_int(&ok(&mut c2, &["EXISTS", "after-move", "c2"])), 2);
+    let mut c5 = s.conn_db(5);
+    assert_eq!(as_int(&ok(&mut c5, &["EXISTS", "c2"])), 1);
+    let mut c6 = s.conn_db(6);
+    assert_eq!(as_int(&ok(&mut c6, &["EXISTS", "after-copy"])), 1);
+    assert_exact_dbs(&mut c, HashFn::Crc32, &[0, 2, 3, 4, 5, 6]);
+}
