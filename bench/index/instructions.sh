@@ -56,7 +56,8 @@ total() { # outname [files...] -- [server args...]
   for f in "${files[@]}"; do redis-cli -p $port --pipe < "$work/$f.resp" >/dev/null; done
   redis-cli -p $port shutdown nosave >/dev/null 2>&1 || true
   wait $pid || true
-  callgrind_annotate "$work/cg.$name" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}'
+  # No early exit in awk: callgrind_annotate would die of SIGPIPE (pipefail).
+  callgrind_annotate "$work/cg.$name" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",","",$1); print $1; done=1}'
 }
 
 # The cost of a phase = total(setup + phase) - total(setup): counts are

@@ -125,15 +125,15 @@ extern "C" fn on_keyspace_event(
             let event = unsafe { std::ffi::CStr::from_ptr(event) }.to_bytes();
             // SAFETY: ctx and key are live for the duration of this callback.
             let (ctx, key) = unsafe { (Ctx::from_raw(ctx), ffi::string_bytes(key)) };
-            on_key_changed(ctx, classify(class, event), key);
-            crate::valkey_db_fix::after_event(ctx, event, key, ffi::selected_db(ctx));
+            let db = ffi::selected_db(ctx);
+            on_key_changed(ctx, db, classify(class, event), key);
+            crate::valkey_db_fix::after_event(ctx, event, key, db);
         },
     );
     raw::REDISMODULE_OK as c_int
 }
 
-fn on_key_changed(ctx: Ctx, effect: Effect, key: &[u8]) {
-    let db = ffi::selected_db(ctx);
+fn on_key_changed(ctx: Ctx, db: usize, effect: Effect, key: &[u8]) {
     let effect = match effect {
         // Look up outside the state lock: a lookup may expire the key.
         Effect::Reconcile => {

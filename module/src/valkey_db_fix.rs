@@ -21,6 +21,7 @@
 
 use std::ffi::CString;
 use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use redis_module::raw;
@@ -46,6 +47,9 @@ struct Fix {
 }
 
 static FIX: Mutex<Option<Fix>> = Mutex::new(None);
+/// Whether the workaround is on: checked before taking the lock, because
+/// every keyspace event on every server passes through `after_event`.
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Bounds the pending list: entries of COPYs that failed (no event) are
 /// otherwise only dropped by the client's next MULTI.
@@ -106,6 +110,7 @@ pub fn install(ctx: Ctx) -> Result<(), String> {
 }
 
 pub fn uninstall() {
+    ENABLED.store(false, Ordering::Relaxed);
     *FIX.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
@@ -216,6 +221,9 @@ unsafe extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 /// Called from the keyspace callback (with the event's context, which on
 /// Valkey 8.1 is the executing client) after the index was updated.
 pub fn after_event(ctx: Ctx, event: &[u8], key: &[u8], db: usize) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
     let restore = with_fix(|f| match event {
         b"move_from" => {
             f.last_move_from = Some((key.to_vec(), db));
