@@ -19,8 +19,13 @@ use crate::ffi::{self, guard, Ctx};
 use crate::state::{with_state, State};
 use crate::{config, del_job, events, keys_job, rebuild};
 
-/// Period while there is work: about one step per event-loop iteration.
+/// Period while there is work: a step per millisecond at most, so that
+/// background deletion takes at most half of an idle event loop.
 const BUSY_MS: i64 = 1;
+/// Period while the index is rebuilt: every event-loop iteration gets a step
+/// (clients blocked on SLOTS.* wait for the end; each step still stays
+/// within the budget, so other clients wait at most one step).
+const REBUILD_MS: i64 = 0;
 
 /// Whether our timer is pending (only touched on the main thread).
 static ARMED: AtomicBool = AtomicBool::new(false);
@@ -71,10 +76,18 @@ unsafe extern "C" fn before_sleep(
             let ctx = unsafe { Ctx::from_raw(ctx) };
             events::check_touched(ctx);
             if !ARMED.load(Ordering::Relaxed) && with_state(|s| !s.loading && has_work(s)) {
-                arm(ctx, BUSY_MS);
+                arm(ctx, period());
             }
         },
     );
+}
+
+fn period() -> i64 {
+    if with_state(|s| s.build.is_some()) {
+        REBUILD_MS
+    } else {
+        BUSY_MS
+    }
 }
 
 fn arm(ctx: Ctx, ms: i64) {
@@ -90,7 +103,7 @@ extern "C" fn tick(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
     // SAFETY: the timer's context is live during this callback.
     let ctx = unsafe { Ctx::from_raw(ctx) };
     if guard("cron", || false, || work(ctx)) {
-        arm(ctx, BUSY_MS);
+        arm(ctx, period());
     }
 }
 

@@ -143,17 +143,25 @@ pub fn run(ctx: Ctx, deadline: Instant) -> bool {
     more
 }
 
-/// One RM_Scan step over `db` into its index. False when `db` is done.
+/// Up to 64 RM_Scan steps (buckets) over `db` into its index, under one
+/// hold of the state and without reading the clock in between: a step is
+/// about one key, far below the budget. False when `db` is done.
 fn walk_step(s: &mut State, ctx: Ctx, db: usize) -> bool {
     let hash = s.hash;
     let (build, idx) = s.build_and_db(db);
     let Some(build) = build else { return false };
     let cursor = build.cursor.get_or_insert_with(ScanCursor::new);
     let mut walked = 0;
-    let more = cursor.step(ctx, &mut |k| {
-        idx.add(hash.slot(k), k);
-        walked += 1;
-    });
+    let mut more = true;
+    for _ in 0..64 {
+        more = cursor.step(ctx, &mut |k| {
+            idx.add(hash.slot(k), k);
+            walked += 1;
+        });
+        if !more {
+            break;
+        }
+    }
     build.keys_walked += walked;
     more
 }
