@@ -7,7 +7,9 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst,
+};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -232,20 +234,26 @@ impl Engine {
         let want = sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM
             | sys::UFFD_FEATURE_MINOR_SHMEM
             | sys::UFFD_FEATURE_MISSING_SHMEM;
-        let got = uffd
-            .api(want)
-            .map_err(|e| disabled(format!("UFFDIO_API refused shmem write-protect/minor faults (needs Linux >= 5.19): {e}")))?;
+        let got = uffd.api(want).map_err(|e| {
+            disabled(format!(
+                "UFFDIO_API refused shmem write-protect/minor faults (needs Linux >= 5.19): {e}"
+            ))
+        })?;
         if got & want != want {
             return Err(disabled(
                 "kernel lacks userfaultfd write-protect or minor faults on shmem (needs Linux >= 5.19)",
             ));
         }
-        let pagemap = Pagemap::open().map_err(|e| disabled(format!("cannot open /proc/self/pagemap: {e}")))?;
+        let pagemap = Pagemap::open()
+            .map_err(|e| disabled(format!("cannot open /proc/self/pagemap: {e}")))?;
         probe_primitives(&uffd, &pagemap)?;
 
-        let memfd = sys::memfd_create(c"forkpatch-heap").map_err(|e| disabled(format!("memfd_create: {e}")))?;
-        let base = sys::reserve_aligned(reserve, GIB).map_err(|e| disabled(format!("cannot reserve {reserve} bytes: {e}")))?;
-        let mview = sys::reserve_aligned(reserve, GIB).map_err(|e| disabled(format!("cannot reserve {reserve} bytes: {e}")))?;
+        let memfd = sys::memfd_create(c"forkpatch-heap")
+            .map_err(|e| disabled(format!("memfd_create: {e}")))?;
+        let base = sys::reserve_aligned(reserve, GIB)
+            .map_err(|e| disabled(format!("cannot reserve {reserve} bytes: {e}")))?;
+        let mview = sys::reserve_aligned(reserve, GIB)
+            .map_err(|e| disabled(format!("cannot reserve {reserve} bytes: {e}")))?;
         // SAFETY: base and mview are reservations we just made; nothing
         // references them.
         let mapped = unsafe {
@@ -385,7 +393,9 @@ impl Engine {
     /// Walks the page tables (~16 ms/GiB): call it rarely.
     pub fn overlay_bytes(&self) -> usize {
         let i = &self.inner;
-        if i.in_child.load(SeqCst) || !matches!(i.state.load(SeqCst), STATE_SNAPSHOT | STATE_FOLDING) {
+        if i.in_child.load(SeqCst)
+            || !matches!(i.state.load(SeqCst), STATE_SNAPSHOT | STATE_FOLDING)
+        {
             return 0;
         }
         let mut buf = vec![PageRegion::default(); 512];
@@ -450,43 +460,57 @@ impl Drop for Engine {
 /// lacks one is detected at start-up, never in the middle of a fold.
 fn probe_primitives(uffd: &Uffd, pagemap: &Pagemap) -> Result<(), Disabled> {
     const LEN: usize = 2 << 20;
-    let fd = sys::memfd_create(c"forkpatch-probe").map_err(|e| disabled(format!("memfd_create: {e}")))?;
+    let fd = sys::memfd_create(c"forkpatch-probe")
+        .map_err(|e| disabled(format!("memfd_create: {e}")))?;
     sys::ftruncate(&fd, LEN).map_err(|e| disabled(format!("ftruncate on memfd: {e}")))?;
     let a = sys::reserve_aligned(LEN, LEN).map_err(|e| disabled(format!("mmap: {e}")))?;
     let s = sys::reserve_aligned(LEN, LEN).map_err(|e| disabled(format!("mmap: {e}")))?;
     let r = (|| -> Result<(), Disabled> {
         // SAFETY: a and s are fresh reservations private to this function.
         unsafe {
-            sys::map_fd_fixed(a, LEN, fd.as_raw_fd(), true).map_err(|e| disabled(format!("mmap memfd: {e}")))?;
+            sys::map_fd_fixed(a, LEN, fd.as_raw_fd(), true)
+                .map_err(|e| disabled(format!("mmap memfd: {e}")))?;
             (a as *mut u8).write_volatile(1);
             sys::mremap_dontunmap(a, LEN, s).map_err(|e| {
-                disabled(format!("mremap(MREMAP_DONTUNMAP) on a shared mapping (needs Linux >= 5.13): {e}"))
+                disabled(format!(
+                    "mremap(MREMAP_DONTUNMAP) on a shared mapping (needs Linux >= 5.13): {e}"
+                ))
             })?;
             sys::map_fd_fixed(a, LEN, fd.as_raw_fd(), false)
                 .map_err(|e| disabled(format!("private mmap of memfd: {e}")))?;
             if (a as *const u8).read_volatile() != 1 {
-                return Err(disabled("private view of the memfd does not show its contents"));
+                return Err(disabled(
+                    "private view of the memfd does not show its contents",
+                ));
             }
             ((a + PAGE) as *mut u8).write_volatile(2);
         }
         let ioctls = uffd
             .register(a, LEN, sys::MODE_WP | sys::MODE_MINOR | sys::MODE_MISSING)
-            .map_err(|e| disabled(format!("userfaultfd register WP|MINOR|MISSING on a private shmem mapping: {e}")))?;
+            .map_err(|e| {
+                disabled(format!(
+                    "userfaultfd register WP|MINOR|MISSING on a private shmem mapping: {e}"
+                ))
+            })?;
         const NEED: u64 = (1 << 0x02) | (1 << 0x06); // WAKE, WRITEPROTECT
         if ioctls & NEED != NEED {
             return Err(disabled("userfaultfd write-protect not supported on shmem"));
         }
         uffd.writeprotect(a, LEN, true, false)
             .map_err(|e| disabled(format!("UFFDIO_WRITEPROTECT on shmem: {e}")))?;
-        uffd.wake(a, LEN).map_err(|e| disabled(format!("UFFDIO_WAKE: {e}")))?;
+        uffd.wake(a, LEN)
+            .map_err(|e| disabled(format!("UFFDIO_WAKE: {e}")))?;
         let mut buf = [PageRegion::default(); 4];
         let n = pagemap
             .scan_anon(a, a + LEN, &mut buf, |_, _| {})
             .map_err(|e| disabled(format!("PAGEMAP_SCAN (needs Linux >= 6.7): {e}")))?;
         if n != 1 {
-            return Err(disabled(format!("PAGEMAP_SCAN found {n} copied-on-write pages, expected 1")));
+            return Err(disabled(format!(
+                "PAGEMAP_SCAN found {n} copied-on-write pages, expected 1"
+            )));
         }
-        uffd.unregister(a, LEN).map_err(|e| disabled(format!("UFFDIO_UNREGISTER: {e}")))?;
+        uffd.unregister(a, LEN)
+            .map_err(|e| disabled(format!("UFFDIO_UNREGISTER: {e}")))?;
         Ok(())
     })();
     // SAFETY: both ranges belong to this function and nothing points into
@@ -501,7 +525,8 @@ fn probe_primitives(uffd: &Uffd, pagemap: &Pagemap) -> Result<(), Disabled> {
 /// Switches the (empty) heap to private and back, so a commit-limit or
 /// mremap refusal shows up at start-up.
 fn trial_switch(base: usize, reserve: usize, memfd: &OwnedFd) -> Result<(), Disabled> {
-    let s = sys::reserve_aligned(reserve, GIB).map_err(|e| disabled(format!("cannot reserve switch area: {e}")))?;
+    let s = sys::reserve_aligned(reserve, GIB)
+        .map_err(|e| disabled(format!("cannot reserve switch area: {e}")))?;
     // SAFETY: the heap holds no data yet and nobody references it; s is ours.
     let r = unsafe {
         sys::mremap_dontunmap(base, reserve, s)
@@ -512,7 +537,11 @@ fn trial_switch(base: usize, reserve: usize, memfd: &OwnedFd) -> Result<(), Disa
     unsafe {
         let _ = sys::munmap(s, reserve);
     }
-    r.map_err(|e| disabled(format!("trial switch of the heap to a private mapping failed: {e}")))
+    r.map_err(|e| {
+        disabled(format!(
+            "trial switch of the heap to a private mapping failed: {e}"
+        ))
+    })
 }
 
 impl Inner {
@@ -541,8 +570,8 @@ impl Inner {
     fn purge(&self, addr: usize, len: usize) -> bool {
         if self.in_child.load(SeqCst)
             || addr < self.base
-            || addr % PAGE != 0
-            || len % PAGE != 0
+            || !addr.is_multiple_of(PAGE)
+            || !len.is_multiple_of(PAGE)
             || addr + len > self.base + self.file_len.load(SeqCst)
         {
             return false;
@@ -588,7 +617,10 @@ impl Inner {
         }
         let t0 = Instant::now();
         loop {
-            match self.state.compare_exchange(STATE_IDLE, STATE_SWITCHING, SeqCst, SeqCst) {
+            match self
+                .state
+                .compare_exchange(STATE_IDLE, STATE_SWITCHING, SeqCst, SeqCst)
+            {
                 Ok(_) => break,
                 Err(STATE_DEGRADED) => return self.stock_fork(t0),
                 Err(STATE_FOLDING) if wait => {
@@ -750,10 +782,7 @@ impl Inner {
                 return;
             }
             loop {
-                let n = match self.uffd.read_msgs(&mut msgs) {
-                    Ok(n) => n,
-                    Err(_) => 0,
-                };
+                let n = self.uffd.read_msgs(&mut msgs).unwrap_or_default();
                 if n == 0 {
                     break;
                 }
@@ -771,7 +800,11 @@ impl Inner {
         self.hseq.fetch_add(1, SeqCst);
         let page = (m.pf_address as usize) & !(PAGE - 1);
         let wp = m.pf_flags & sys::PF_FLAG_WP != 0;
-        if wp && self.inject != FaultInjection::SkipDirtyTracking && page >= self.base && page < self.base + self.reserve {
+        if wp
+            && self.inject != FaultInjection::SkipDirtyTracking
+            && page >= self.base
+            && page < self.base + self.reserve
+        {
             // Record before unprotecting: the fold re-copies every page
             // whose bit it sees, and sees every bit set before the write.
             let i = (page - self.base) / PAGE;
@@ -818,7 +851,8 @@ impl Inner {
                 c.last_fold_final_usec.store(final_us, SeqCst);
                 c.last_fold_final_pages.store(final_pages as u64, SeqCst);
                 c.last_overlay_bytes.store((overlay * PAGE) as u64, SeqCst);
-                c.total_overlay_bytes.fetch_add((overlay * PAGE) as u64, SeqCst);
+                c.total_overlay_bytes
+                    .fetch_add((overlay * PAGE) as u64, SeqCst);
                 self.set_state(STATE_IDLE);
             }
             Err((stage, e)) => {
@@ -885,16 +919,22 @@ impl Inner {
         // 1. Track writes: protect the whole used heap (installing markers
         //    on untouched pages), then copy every page copied-on-write during
         //    the snapshot. A write after the protect is recorded as dirty.
-        self.uffd.register(base, reserve, sys::MODE_WP).map_err(ctx("register WP"))?;
+        self.uffd
+            .register(base, reserve, sys::MODE_WP)
+            .map_err(ctx("register WP"))?;
         self.hmode.store(H_TRACK, SeqCst);
         let mut wp_end = self.file_len.load(SeqCst);
         let r = (|| {
             if wp_end > 0 {
-                self.uffd.writeprotect(base, wp_end, true, false).map_err(ctx("protect heap"))?;
+                self.uffd
+                    .writeprotect(base, wp_end, true, false)
+                    .map_err(ctx("protect heap"))?;
             }
             let overlay = self
                 .pagemap
-                .scan_anon(base, base + wp_end, &mut buf, |s, e| self.copy_out(base, s, e - s))
+                .scan_anon(base, base + wp_end, &mut buf, |s, e| {
+                    self.copy_out(base, s, e - s)
+                })
                 .map_err(ctx("scan overlay"))?;
             *rounds = 1;
 
@@ -906,7 +946,9 @@ impl Inner {
                 // took: let it finish so our re-protect comes after it.
                 self.handler_quiesce();
                 for &(o, l) in &runs {
-                    self.uffd.writeprotect(base + o, l, true, false).map_err(ctx("re-protect"))?;
+                    self.uffd
+                        .writeprotect(base + o, l, true, false)
+                        .map_err(ctx("re-protect"))?;
                 }
                 let len = self.file_len.load(SeqCst);
                 if len > wp_end {
@@ -914,7 +956,9 @@ impl Inner {
                         .writeprotect(base + wp_end, len - wp_end, true, false)
                         .map_err(ctx("protect grown heap"))?;
                     self.pagemap
-                        .scan_anon(base + wp_end, base + len, &mut buf, |s, e| self.copy_out(base, s, e - s))
+                        .scan_anon(base + wp_end, base + len, &mut buf, |s, e| {
+                            self.copy_out(base, s, e - s)
+                        })
                         .map_err(ctx("scan grown heap"))?;
                     wp_end = len;
                 }
@@ -963,11 +1007,17 @@ impl Inner {
         // Minor/missing faults make any access to the emptied heap wait too.
         let moved = self
             .uffd
-            .register(base, reserve, sys::MODE_WP | sys::MODE_MINOR | sys::MODE_MISSING)
+            .register(
+                base,
+                reserve,
+                sys::MODE_WP | sys::MODE_MINOR | sys::MODE_MISSING,
+            )
             .map_err(ctx("register MINOR|MISSING"))
             // SAFETY: s2 is our reservation; H keeps its VMA (now empty,
             // every access traps to the handler, which holds it).
-            .and_then(|_| unsafe { sys::mremap_dontunmap(base, reserve, s2) }.map_err(ctx("move heap tables")));
+            .and_then(|_| {
+                unsafe { sys::mremap_dontunmap(base, reserve, s2) }.map_err(ctx("move heap tables"))
+            });
         if let Err(e) = moved {
             self.abort_before_flip();
             // SAFETY: the move did not happen; s2 is an unused reservation.
@@ -989,7 +1039,9 @@ impl Inner {
             // whatever was copied-on-write there from the moved tables.
             r = self
                 .pagemap
-                .scan_anon(s2 + wp_end, s2 + len, &mut buf, |s, e| self.copy_out(s2, s, e - s));
+                .scan_anon(s2 + wp_end, s2 + len, &mut buf, |s, e| {
+                    self.copy_out(s2, s, e - s)
+                });
         }
         // SAFETY: H is empty (its tables are at s2) and every access to it
         // is parked in the handler; the shared mapping shows the memfd, which

@@ -336,14 +336,19 @@ impl Uffd {
             len: len as u64,
         };
         // SAFETY: r is a properly sized struct uffdio_range.
-        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut r) })
-            .map(|_| ())
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut r) }).map(|_| ())
     }
 
     /// Write-protects (`wp`) or unprotects a registered range. Unprotecting
     /// also wakes threads waiting on it unless `dontwake` (the kernel rejects
     /// `dontwake` together with `wp`).
-    pub fn writeprotect(&self, start: usize, len: usize, wp: bool, dontwake: bool) -> io::Result<()> {
+    pub fn writeprotect(
+        &self,
+        start: usize,
+        len: usize,
+        wp: bool,
+        dontwake: bool,
+    ) -> io::Result<()> {
         let mut mode = 0;
         if wp {
             mode |= 1;
@@ -405,7 +410,11 @@ fn open_dev_userfaultfd(flags: libc::c_int) -> io::Result<RawFd> {
             libc::O_RDWR | libc::O_CLOEXEC,
         ))?;
         let dev = OwnedFd::from_raw_fd(dev);
-        cvt(libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags))
+        cvt(libc::ioctl(
+            dev.as_raw_fd(),
+            USERFAULTFD_IOC_NEW as _,
+            flags,
+        ))
     }
 }
 

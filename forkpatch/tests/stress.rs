@@ -68,6 +68,15 @@ impl Ctl {
     }
 }
 
+/// Bursts of writes with short sleeps in between: six writer threads
+/// spinning on two cores would starve the forking thread and the children.
+fn throttle(ops: &mut u32) {
+    *ops += 1;
+    if (*ops).is_multiple_of(32) {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 fn counter_addr(m: &Mem, j: usize) -> usize {
     let first = m.len / PAGE - COUNTER_PAGES;
     m.region + (first + j / 8) * PAGE + (j % 8) * 512
@@ -76,8 +85,10 @@ fn counter_addr(m: &Mem, j: usize) -> usize {
 fn user_writer(m: Mem, ctl: Arc<Ctl>, lo: usize, hi: usize, seed: u64) {
     let mut rng = Rng(seed);
     let mut buf = [0u8; 2 * PAGE];
+    let mut ops = 0u32;
     while !ctl.stop.load(Acquire) {
         ctl.checkpoint();
+        throttle(&mut ops);
         // Mostly small writes; sometimes a whole page; some cross pages.
         let span = (hi - lo) * PAGE;
         let len = match rng.below(10) {
@@ -102,15 +113,21 @@ fn user_writer(m: Mem, ctl: Arc<Ctl>, lo: usize, hi: usize, seed: u64) {
 fn kernel_writer(m: Mem, ctl: Arc<Ctl>, rfd: i32, lo: usize, hi: usize, seed: u64) {
     let mut rng = Rng(seed);
     let mut pos = 0u64;
+    let mut ops = 0u32;
     while !ctl.stop.load(Acquire) {
         ctl.checkpoint();
+        throttle(&mut ops);
         let span = (hi - lo) * PAGE;
         let len = (1 + rng.below(3 * PAGE)).min(span);
         let off = lo * PAGE + rng.below(span - len + 1);
         // SAFETY: read() writes at most len bytes into this thread's own
         // region pages; the kernel does the store (kernel-mode fault path).
         let n = unsafe { libc::read(rfd, (m.region + off) as *mut _, len) };
-        assert!(n > 0, "read() into the region failed: {}", std::io::Error::last_os_error());
+        assert!(
+            n > 0,
+            "read() into the region failed: {}",
+            std::io::Error::last_os_error()
+        );
         for k in 0..n as usize {
             // SAFETY: same range, model side.
             unsafe { *((m.model + off + k) as *mut u8) = stream_byte(pos + k as u64) };
@@ -144,7 +161,9 @@ fn feeder(ctl: Arc<Ctl>, wfd: i32) {
 fn counter_thread(m: Mem, ctl: Arc<Ctl>) {
     let mut local = [0u64; COUNTERS];
     let mut j = 0;
+    let mut ops = 0u32;
     while !ctl.stop.load(Acquire) {
+        throttle(&mut ops);
         local[j] += 1;
         // SAFETY: counter words are 8-byte aligned, inside the counter pages
         // that only this thread writes.
@@ -192,7 +211,11 @@ fn child_check(m: Mem, res_fd: i32, seed: u64) -> ! {
     // SAFETY: writes a local array (< PIPE_BUF) to the result pipe, exits
     // without running the parent's destructors or atexit handlers.
     unsafe {
-        libc::write(res_fd, out.as_ptr() as *const _, std::mem::size_of_val(&out));
+        libc::write(
+            res_fd,
+            out.as_ptr() as *const _,
+            std::mem::size_of_val(&out),
+        );
         libc::_exit(0)
     }
 }
@@ -207,6 +230,8 @@ struct Outcome {
     max_fork_us: u64,
     max_final_us: u64,
     overlay_bytes: u64,
+    /// Time spent waiting for folds, pausing writers, forking, in children.
+    phase_ms: [u128; 4],
 }
 
 impl Outcome {
@@ -256,7 +281,10 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
     };
     let mut pipe = [0i32; 2];
     // SAFETY: creates a pipe into a local array.
-    assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    assert_eq!(
+        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+        0
+    );
     // SAFETY: fcntl on our own pipe's write end.
     unsafe { libc::fcntl(pipe[1], libc::F_SETFL, libc::O_NONBLOCK) };
 
@@ -274,12 +302,16 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
     let mut threads = Vec::new();
     for w in 0..USER_WRITERS {
         let c = ctl.clone();
-        threads.push(std::thread::spawn(move || user_writer(m, c, w * per, (w + 1) * per, seed + w as u64 + 1)));
+        threads.push(std::thread::spawn(move || {
+            user_writer(m, c, w * per, (w + 1) * per, seed + w as u64 + 1)
+        }));
     }
     {
         let c = ctl.clone();
         let rfd = pipe[0];
-        threads.push(std::thread::spawn(move || kernel_writer(m, c, rfd, USER_WRITERS * per, data_pages, seed + 100)));
+        threads.push(std::thread::spawn(move || {
+            kernel_writer(m, c, rfd, USER_WRITERS * per, data_pages, seed + 100)
+        }));
     }
     let feeder_t = {
         let c = ctl.clone();
@@ -299,8 +331,14 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
     for cycle in 0..cycles {
         // Let the previous fold finish while writers run, so writes race the
         // fold; then stop writers for the fork instant only.
-        assert!(engine.wait_idle(Duration::from_secs(30)), "fold did not finish");
+        let t0 = Instant::now();
+        assert!(
+            engine.wait_idle(Duration::from_secs(30)),
+            "fold did not finish"
+        );
+        let t1 = Instant::now();
         pause(&ctl);
+        let t2 = Instant::now();
         let lo: Vec<u64> = ctl.published.iter().map(|p| p.load(Acquire)).collect();
         let child_seed = rng.next();
         let pid = match engine.fork(true).expect("fork") {
@@ -308,6 +346,7 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
             Forked::Parent(pid) => pid,
         };
         resume(&ctl);
+        let t3 = Instant::now();
         let hi: Vec<u64> = ctl.published.iter().map(|p| p.load(Acquire)).collect();
         let kill = cycle % 10 == 7;
         if kill {
@@ -319,27 +358,47 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
         // SAFETY: reaps our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         let killed = libc::WIFSIGNALED(status);
+        let t4 = Instant::now();
+        for (k, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3].iter().enumerate() {
+            out.phase_ms[k] += d.as_millis();
+        }
         // The fold starts now and runs while the writers keep writing.
-        assert!(engine.child_exited(pid), "cycle {cycle}: state {} degraded {:?}", engine.state(), engine.degraded_reason());
+        assert!(
+            engine.child_exited(pid),
+            "cycle {cycle}: state {} degraded {:?}",
+            engine.state(),
+            engine.degraded_reason()
+        );
         if killed {
             out.killed += 1;
         } else {
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child crashed: {status:#x}");
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "child crashed: {status:#x}"
+            );
             let mut r = [0u64; 3 + COUNTERS];
             // SAFETY: reads the child's result into a local array.
-            let n = unsafe { libc::read(res[0], r.as_mut_ptr() as *mut _, std::mem::size_of_val(&r)) };
+            let n =
+                unsafe { libc::read(res[0], r.as_mut_ptr() as *mut _, std::mem::size_of_val(&r)) };
             assert_eq!(n as usize, std::mem::size_of_val(&r));
             if r[0] != 0 || r[1] != 0 {
                 out.child_failures += 1;
                 if out.child_failures <= 3 {
-                    eprintln!("cycle {cycle}: child saw {} / {} bad pages (first {})", r[0], r[1], r[2]);
+                    eprintln!(
+                        "cycle {cycle}: child saw {} / {} bad pages (first {})",
+                        r[0], r[1], r[2]
+                    );
                 }
             }
             for j in 0..COUNTERS {
                 let v = r[3 + j];
                 if v < lo[j] || v > hi[j] + 1 {
                     out.counter_failures += 1;
-                    eprintln!("cycle {cycle}: counter {j} = {v}, expected in [{}, {}]", lo[j], hi[j] + 1);
+                    eprintln!(
+                        "cycle {cycle}: counter {j} = {v}, expected in [{}, {}]",
+                        lo[j],
+                        hi[j] + 1
+                    );
                 }
             }
         }
@@ -419,7 +478,10 @@ fn snapshots_match_model_under_concurrent_writes() {
     let t = Instant::now();
     let o = run(300, 32, FaultInjection::None, 0x5EED);
     assert_eq!(o.failures(), 0, "{o:?}");
-    assert!(o.overlay_bytes > 0, "the parent never copied-on-write: test too weak");
+    assert!(
+        o.overlay_bytes > 0,
+        "the parent never copied-on-write: test too weak"
+    );
     assert!(o.killed > 0);
     eprintln!("correct engine: {} cycles in {:?}", o.cycles, t.elapsed());
 }
@@ -427,7 +489,10 @@ fn snapshots_match_model_under_concurrent_writes() {
 #[test]
 fn broken_engines_are_caught() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for inject in [FaultInjection::SkipDirtyTracking, FaultInjection::SkipFinalCopy] {
+    for inject in [
+        FaultInjection::SkipDirtyTracking,
+        FaultInjection::SkipFinalCopy,
+    ] {
         let o = run(60, 16, inject, 0xBAD);
         assert!(o.failures() > 0, "{inject:?} went unnoticed: {o:?}");
     }
