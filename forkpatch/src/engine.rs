@@ -19,7 +19,7 @@ const GIB: usize = 1 << 30;
 const GROW_STEP: usize = 2 << 20;
 /// Old page tables are dropped in chunks so no single munmap holds the
 /// address-space lock for long.
-const UNMAP_CHUNK: usize = 64 << 20;
+const UNMAP_CHUNK: usize = 4 << 20;
 
 /// Engine states (`Inner::state`).
 pub const STATE_IDLE: u8 = 0;
@@ -231,9 +231,13 @@ impl Engine {
                  a syscall writing into the heap during fold-back would fail with EFAULT",
             ));
         }
+        // EVENT_REMAP: without it the kernel cannot move whole page tables
+        // of a registered range (it must clear uffd-wp bits entry by entry),
+        // which makes the flip's mremap linear in heap size.
         let want = sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM
             | sys::UFFD_FEATURE_MINOR_SHMEM
-            | sys::UFFD_FEATURE_MISSING_SHMEM;
+            | sys::UFFD_FEATURE_MISSING_SHMEM
+            | sys::UFFD_FEATURE_EVENT_REMAP;
         let got = uffd.api(want).map_err(|e| {
             disabled(format!(
                 "UFFDIO_API refused shmem write-protect/minor faults (needs Linux >= 5.19): {e}"
@@ -1026,15 +1030,33 @@ impl Inner {
             }
             return Err(e);
         }
+        // The old tables must not be copied by a later fork while they wait
+        // to be unmapped.
+        let _ = sys::madvise_nondestructive(s2, reserve, libc::MADV_DONTFORK);
+        // Copy the pages written since their last copy. Only copied-on-write
+        // pages can differ from the memfd; the others may be untouched
+        // markers, and reading those would fault into our own (parked)
+        // handler, since the moved tables stay registered (EVENT_REMAP).
         let mut final_pages = 0;
-        if self.inject != FaultInjection::SkipFinalCopy {
-            final_pages = self.dirty_runs(wp_end, true, |o, l| self.copy_out(s2, s2 + o, l));
-        } else {
-            self.dirty_runs(wp_end, true, |_, _| {});
-        }
+        let mut scan_err = None;
+        self.dirty_runs(wp_end, true, |o, l| {
+            if self.inject == FaultInjection::SkipFinalCopy {
+                return;
+            }
+            match self
+                .pagemap
+                .scan_anon(s2 + o, s2 + o + l, &mut buf, |s, e| {
+                    self.copy_out(s2, s, e - s)
+                }) {
+                Ok(n) => final_pages += n,
+                Err(e) => {
+                    scan_err.get_or_insert(e);
+                }
+            }
+        });
         let len = self.file_len.load(SeqCst);
-        let mut r = Ok(0);
-        if len > wp_end {
+        let mut r = scan_err.map_or(Ok(0), Err);
+        if r.is_ok() && len > wp_end {
             // Pages added since the last round were never protected: take
             // whatever was copied-on-write there from the moved tables.
             r = self

@@ -197,6 +197,7 @@ pub fn eventfd_signal(fd: &OwnedFd) {
 // ---------------------------------------------------------------- userfaultfd
 
 pub const UFFD_API: u64 = 0xAA;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
