@@ -73,7 +73,9 @@ fn main() {
                 *(p.add(i) as *mut u64) = i as u64;
             }
         }
-        for round in 0..4 {
+        let rounds = 10;
+        let (mut forks, mut finals) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
             let pid = match e.fork(true).unwrap() {
                 // SAFETY: the child exits immediately.
                 Forked::Child => unsafe { libc::_exit(0) },
@@ -100,6 +102,8 @@ fn main() {
             }
             assert!(e.wait_idle(Duration::from_secs(120)));
             let s = e.stats();
+            forks.push(s.last_fork_usec);
+            finals.push(s.last_fold_final_usec);
             println!(
                 "{gib} GiB engine round {round}: fork stall {} us (switch {} us), COW of {} pages {:?}, \
                  fold {} us in {} rounds, overlay {} MiB, final step {} us / {} pages",
@@ -116,15 +120,33 @@ fn main() {
         }
         // SAFETY: p is len bytes of region memory; writers are done.
         let ok = unsafe {
-            (0..len).step_by(PAGE * 10).all(|i| {
+            (0..len).step_by(PAGE).all(|i| {
                 let v = *(p.add(i) as *const u64);
-                let flips = 4 + if i % (PAGE * 50) == PAGE * 5 { 4 } else { 0 };
-                v == (i as u64) ^ (flips & 1)
+                let mut flips = 0;
+                if i.is_multiple_of(PAGE * 10) {
+                    flips += rounds;
+                }
+                if i >= PAGE * 5 && (i - PAGE * 5).is_multiple_of(PAGE * 50) {
+                    flips += rounds;
+                }
+                v == (i as u64) ^ (flips as u64 & 1)
             })
         };
         println!(
             "{gib} GiB engine: contents after folds {}",
             if ok { "OK" } else { "WRONG" }
+        );
+        forks.sort_unstable();
+        finals.sort_unstable();
+        println!(
+            "{gib} GiB engine summary: fork stall min/median/max {}/{}/{} us, \
+             fold final step min/median/max {}/{}/{} us",
+            forks[0],
+            forks[forks.len() / 2],
+            forks[forks.len() - 1],
+            finals[0],
+            finals[finals.len() / 2],
+            finals[finals.len() - 1]
         );
         drop(e);
         println!(
