@@ -8,17 +8,24 @@ use std::process::Command;
 #[test]
 fn c_header_and_staticlib_work_together() {
     assert_eq!(std::mem::size_of::<forkpatch::Stats>(), 136);
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/c_abi-<hash> -> target/<profile>/libforkpatch.a
-    let lib = exe
-        .parent()
+    // Cargo builds the staticlib next to the rlib this test links
+    // (target/<profile>/deps/libforkpatch-<hash>.a) but does not copy it up
+    // for test builds; take the newest one.
+    let deps = std::env::current_exe()
         .unwrap()
         .parent()
         .unwrap()
-        .join("libforkpatch.a");
-    if !lib.exists() {
-        panic!("{} not built", lib.display());
-    }
+        .to_path_buf();
+    let lib = std::fs::read_dir(&deps)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("libforkpatch-") && n.ends_with(".a")
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("libforkpatch-*.a next to the test binary");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("abi_smoke");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
