@@ -76,6 +76,9 @@ fn main() {
         let rounds = 10;
         let (mut forks, mut finals) = (Vec::new(), Vec::new());
         for round in 0..rounds {
+            if std::env::var_os("SETTLE").is_some() {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             let pid = match e.fork(true).unwrap() {
                 // SAFETY: the child exits immediately.
                 Forked::Child => unsafe { libc::_exit(0) },
@@ -93,24 +96,30 @@ fn main() {
             // SAFETY: reaps our child.
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
             e.child_exited(pid);
-            // Keep writing (2% of pages) while the fold runs.
+            // Keep writing (2% of pages) while the fold runs: each first
+            // write to a page during the fold is a userfaultfd round trip.
+            let t = Instant::now();
             // SAFETY: p is len bytes of region memory.
             unsafe {
                 for i in (PAGE * 5..len).step_by(PAGE * 50) {
                     *(p.add(i) as *mut u64) ^= 1;
                 }
             }
+            let fold_writes = t.elapsed();
             assert!(e.wait_idle(Duration::from_secs(120)));
             let s = e.stats();
             forks.push(s.last_fork_usec);
             finals.push(s.last_fold_final_usec);
             println!(
                 "{gib} GiB engine round {round}: fork stall {} us (switch {} us), COW of {} pages {:?}, \
+                 {} writes during fold {:?}, \
                  fold {} us in {} rounds, overlay {} MiB, final step {} us / {} pages",
                 s.last_fork_usec,
                 s.last_switch_usec,
                 len / PAGE / 10,
                 cow,
+                len / PAGE / 50,
+                fold_writes,
                 s.last_fold_usec,
                 s.last_fold_rounds,
                 s.last_overlay_bytes >> 20,

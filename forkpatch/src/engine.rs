@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 const GIB: usize = 1 << 30;
 /// The file grows in steps of this size (fewer ftruncate calls).
 const GROW_STEP: usize = 2 << 20;
-/// Old page tables are dropped in chunks so no single munmap holds the
-/// address-space lock for long.
-const UNMAP_CHUNK: usize = 4 << 20;
+/// Old page tables are discarded one page table (2 MiB) at a time, between
+/// forks, so a fork never waits long behind the teardown.
+const UNMAP_CHUNK: usize = 2 << 20;
 
 /// Engine states (`Inner::state`).
 pub const STATE_IDLE: u8 = 0;
@@ -157,7 +157,8 @@ struct Counters {
 #[derive(Default)]
 struct Jobs {
     fold: bool,
-    unmaps: VecDeque<(usize, usize)>,
+    /// Old page tables to drop: (start, length, bytes still to discard).
+    unmaps: VecDeque<(usize, usize, usize)>,
 }
 
 struct Inner {
@@ -174,6 +175,9 @@ struct Inner {
     file_len: AtomicUsize,
     cursor: Mutex<usize>,
     state: AtomicU8,
+    /// Set for the whole of `fork`: the worker starts no page-table teardown
+    /// meanwhile (it would contend for the address-space lock).
+    forking: AtomicBool,
     purgers: AtomicUsize,
     in_child: AtomicBool,
     uffd: Uffd,
@@ -286,6 +290,7 @@ impl Engine {
             file_len: AtomicUsize::new(0),
             cursor: Mutex::new(0),
             state: AtomicU8::new(STATE_IDLE),
+            forking: AtomicBool::new(false),
             purgers: AtomicUsize::new(0),
             in_child: AtomicBool::new(false),
             uffd,
@@ -447,7 +452,11 @@ impl Drop for Engine {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let pending: Vec<_> = lock(&i.jobs).unmaps.drain(..).collect();
+        let pending: Vec<_> = lock(&i.jobs)
+            .unmaps
+            .drain(..)
+            .map(|(a, l, _)| (a, l))
+            .collect();
         // SAFETY: the engine owns these ranges; region pointers handed out by
         // `alloc` are documented to die with the engine.
         unsafe {
@@ -619,6 +628,15 @@ impl Inner {
         if self.in_child.load(SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
+        self.forking.store(true, SeqCst);
+        let r = self.fork_inner(wait);
+        if !matches!(r, Ok(Forked::Child)) {
+            self.forking.store(false, SeqCst);
+        }
+        r
+    }
+
+    fn fork_inner(&self, wait: bool) -> io::Result<Forked> {
         let t0 = Instant::now();
         loop {
             match self
@@ -733,7 +751,10 @@ impl Inner {
     }
 
     fn queue_unmap(&self, s: usize) {
-        lock(&self.jobs).unmaps.push_back((s, self.reserve));
+        let populated = self.file_len.load(SeqCst);
+        lock(&self.jobs)
+            .unmaps
+            .push_back((s, self.reserve, populated));
         self.jobs_cv.notify_all();
     }
 
@@ -742,6 +763,7 @@ impl Inner {
     fn worker_loop(&self) {
         enum Job {
             Fold,
+            Discard(usize, usize),
             Unmap(usize, usize),
         }
         loop {
@@ -755,16 +777,24 @@ impl Inner {
                         j.fold = false;
                         break Job::Fold;
                     }
-                    if let Some((a, l)) = j.unmaps.pop_front() {
-                        let c = l.min(UNMAP_CHUNK);
-                        if l > c {
-                            j.unmaps.push_front((a + c, l - c));
+                    if let Some((a, l, left)) = j.unmaps.pop_front() {
+                        if left == 0 {
+                            break Job::Unmap(a, l);
                         }
-                        break Job::Unmap(a, c);
+                        // Discard the populated part chunk by chunk, from
+                        // the end, then unmap what is left (now empty).
+                        let c = left.min(UNMAP_CHUNK);
+                        j.unmaps.push_front((a, l, left - c));
+                        break Job::Discard(a + left - c, c);
                     }
                     j = self.jobs_cv.wait(j).unwrap_or_else(|e| e.into_inner());
                 }
             };
+            if !matches!(job, Job::Fold) {
+                while self.forking.load(SeqCst) {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
             match job {
                 Job::Fold => self.fold(),
                 // SAFETY: queued ranges are engine-owned leftovers of a
@@ -772,6 +802,8 @@ impl Inner {
                 Job::Unmap(a, l) => unsafe {
                     let _ = sys::munmap(a, l);
                 },
+                // SAFETY: as above.
+                Job::Discard(a, l) => unsafe { sys::discard(a, l) },
             }
         }
     }
@@ -883,13 +915,14 @@ impl Inner {
         let mut run: Option<(usize, usize)> = None;
         let mut count = 0;
         for w in 0..pages.div_ceil(64) {
-            let bits = if clear {
-                self.dirty[w].swap(0, SeqCst)
-            } else {
-                self.dirty[w].load(SeqCst)
-            };
+            // Plain load first: almost all words are zero and a locked
+            // swap on each would cost ~100 us per 4 GiB in the final step.
+            let mut bits = self.dirty[w].load(SeqCst);
             if bits == 0 {
                 continue;
+            }
+            if clear {
+                bits = self.dirty[w].swap(0, SeqCst);
             }
             for b in 0..64 {
                 if bits & (1 << b) == 0 {
@@ -1088,10 +1121,11 @@ impl Inner {
             let _ = self.uffd.wake(base, reserve);
             return Err(("flip to shared".into(), e));
         }
+        // Measured before the wake: once woken, writers may preempt us.
+        let final_us = usec(tf.elapsed());
         self.hmode.store(H_IDLE, SeqCst);
         let _ = self.uffd.wake(base, reserve);
-        let final_us = usec(tf.elapsed());
-        lock(&self.jobs).unmaps.push_back((s2, reserve));
+        self.queue_unmap(s2);
         Ok((overlay, final_pages, final_us))
     }
 

@@ -151,6 +151,17 @@ pub unsafe fn munmap(addr: usize, len: usize) -> io::Result<()> {
     cvt(libc::munmap(addr as *mut _, len)).map(|_| ())
 }
 
+/// Drops the pages and page-table entries of `[addr, addr+len)`
+/// (`MADV_DONTNEED`). Unlike munmap it runs under the range's own VMA lock
+/// (Linux >= 6.16), not the address-space lock, so a concurrent switch or
+/// fork does not wait behind it (nor behind its preemption).
+///
+/// # Safety
+/// No live reference may point into the range; its contents are lost.
+pub unsafe fn discard(addr: usize, len: usize) {
+    libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
+}
+
 /// `madvise` with advice that does not change memory contents
 /// (e.g. `MADV_DONTFORK`). Callers must not pass destructive advice.
 pub fn madvise_nondestructive(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
