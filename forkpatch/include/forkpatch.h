@@ -45,6 +45,8 @@ extern "C" {
 #define FORKPATCH_STATE_FOLDING 3   /* child gone, fold running */
 #define FORKPATCH_STATE_DEGRADED 4  /* a fold failed: heap stays private,
                                        forks are stock fork(); data intact */
+#define FORKPATCH_STATE_STOCK 5     /* async fork switched off at run time:
+                                       heap private, forks are stock fork() */
 
 struct forkpatch_stats {
     uint32_t state;
@@ -114,6 +116,17 @@ int forkpatch_busy(void);
 
 /* Wait up to timeout_ms for a running fold; 1 if none is running. */
 int forkpatch_wait_fold(uint64_t timeout_ms);
+
+/* async-fork yes|no at run time. 0: the heap becomes a private mapping (at
+ * once, or when the current snapshot/fold ends) and forks are stock fork(),
+ * with stock latency and copy-on-write; purges are refused meanwhile.
+ * 1: the heap is folded back in the background once no stock child is
+ * alive, then forks are async again. */
+void forkpatch_set_async(int on);
+
+/* Overlay bytes as last measured in the background (refreshed about once a
+ * second while a child lives; 0 otherwise). Cheap: use it for INFO. */
+size_t forkpatch_overlay_bytes_cached(void);
 
 /* 1 in a child created by forkpatch_fork(). */
 int forkpatch_in_child(void);

@@ -30,6 +30,10 @@ pub const STATE_FOLDING: u8 = 3;
 /// use stock `fork()` (correct, just not fast).
 pub const STATE_DEGRADED: u8 = 4;
 
+/// `async-fork no` at run time: the heap is a private mapping and forks are
+/// stock `fork()`; the memfd is frozen. Re-enabling folds the heap back.
+pub const STATE_STOCK: u8 = 5;
+
 /// Fault-handler modes (`Inner::hmode`).
 const H_IDLE: u8 = 0;
 const H_TRACK: u8 = 1;
@@ -194,6 +198,14 @@ struct Inner {
     idle_mx: Mutex<()>,
     idle_cv: Condvar,
     child_pid: AtomicI32,
+    /// Desired mode (`set_async`); applied at the next safe transition.
+    want_async: AtomicBool,
+    /// Children of stock forks (STOCK/DEGRADED) still alive: the memfd must
+    /// stay frozen until they are gone (they refault from it).
+    stock_pids: Mutex<Vec<libc::pid_t>>,
+    /// Overlay size measured by the worker about once a second during a
+    /// snapshot, for cheap reads (INFO).
+    overlay_cached: AtomicUsize,
     degraded_reason: Mutex<Option<String>>,
     c: Counters,
 }
@@ -305,6 +317,9 @@ impl Engine {
             idle_mx: Mutex::new(()),
             idle_cv: Condvar::new(),
             child_pid: AtomicI32::new(0),
+            want_async: AtomicBool::new(true),
+            stock_pids: Mutex::new(Vec::new()),
+            overlay_cached: AtomicUsize::new(0),
             degraded_reason: Mutex::new(None),
             c: Counters::default(),
         });
@@ -382,6 +397,29 @@ impl Engine {
     /// is current". Returns false if there was no such snapshot.
     pub fn child_exited(&self, pid: libc::pid_t) -> bool {
         self.inner.child_exited(pid)
+    }
+
+    /// `async-fork yes|no` at run time. `false` switches the heap to a
+    /// private mapping (O(1), at once if idle, else when the current
+    /// snapshot or fold ends) after which forks are stock `fork()`, with
+    /// stock latency and copy-on-write. `true` folds the heap back in the
+    /// background once no stock child is alive.
+    pub fn set_async(&self, on: bool) {
+        self.inner.set_async(on)
+    }
+
+    pub fn async_enabled(&self) -> bool {
+        self.inner.want_async.load(SeqCst)
+    }
+
+    /// Overlay bytes as last measured by the background thread (refreshed
+    /// about once a second while a child lives; exact after each fold in
+    /// `Stats::last_overlay_bytes`). Free to call.
+    pub fn overlay_bytes_cached(&self) -> usize {
+        match self.state() {
+            STATE_SNAPSHOT | STATE_FOLDING => self.inner.overlay_cached.load(SeqCst),
+            _ => 0,
+        }
     }
 
     /// True while a snapshot or its fold is in progress (a new fork would
@@ -644,52 +682,24 @@ impl Inner {
                 .compare_exchange(STATE_IDLE, STATE_SWITCHING, SeqCst, SeqCst)
             {
                 Ok(_) => break,
-                Err(STATE_DEGRADED) => return self.stock_fork(t0),
+                Err(STATE_DEGRADED | STATE_STOCK) => return self.stock_fork(t0),
                 Err(STATE_FOLDING) if wait => {
                     self.wait_not(STATE_FOLDING, Duration::from_secs(3600));
                 }
                 Err(_) => return Err(io::Error::from_raw_os_error(libc::EBUSY)),
             }
         }
-        // A purge that saw IDLE may still be punching a hole; let it finish
-        // so the frozen file is not modified under the child.
-        while self.purgers.load(SeqCst) != 0 {
-            std::hint::spin_loop();
-        }
         let t_switch = Instant::now();
-        let s = match sys::reserve_aligned(self.reserve, GIB) {
+        let s = match self.switch_private() {
             Ok(s) => s,
             Err(e) => {
                 self.set_state(STATE_IDLE);
+                self.c.fork_failures.fetch_add(1, SeqCst);
                 return Err(e);
             }
         };
-        // SAFETY: s is a fresh reservation. Moving H's page tables away keeps
-        // every byte of H reachable: H stays mapped to the same memfd and
-        // refaults its pages from it. Replacing the now empty shared H by a
-        // private mapping of the same file at the same offsets shows the
-        // same bytes, so references into the heap stay valid.
-        let switched = unsafe {
-            match sys::mremap_dontunmap(self.base, self.reserve, s) {
-                Err(e) => {
-                    let _ = sys::munmap(s, self.reserve);
-                    Err(e)
-                }
-                Ok(()) => sys::map_fd_fixed(self.base, self.reserve, self.memfd.as_raw_fd(), false),
-            }
-        };
-        if let Err(e) = switched {
-            // H is still the shared mapping (possibly with empty page tables,
-            // which refault from the memfd): nothing was lost.
-            self.set_state(STATE_IDLE);
-            self.queue_unmap(s);
-            self.c.fork_failures.fetch_add(1, SeqCst);
-            return Err(e);
-        }
-        // The moved tables must not be copied into the child (that copy is
-        // exactly the cost we avoid); if this fails fork is merely slower.
-        let _ = sys::madvise_nondestructive(s, self.reserve, libc::MADV_DONTFORK);
         let switch_us = usec(t_switch.elapsed());
+        self.overlay_cached.store(0, SeqCst);
         self.state.store(STATE_SNAPSHOT, SeqCst);
         match sys::fork() {
             Ok(0) => {
@@ -716,6 +726,86 @@ impl Inner {
         }
     }
 
+    /// The O(1) switch of the heap from the shared to a private mapping of
+    /// the memfd. The caller owns the SWITCHING state. Returns the address
+    /// holding the old page tables, to be torn down in the background.
+    fn switch_private(&self) -> io::Result<usize> {
+        // A purge that saw IDLE may still be punching a hole; let it finish
+        // so the frozen file is not modified under the child.
+        while self.purgers.load(SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        let s = sys::reserve_aligned(self.reserve, GIB)?;
+        // SAFETY: s is a fresh reservation. Moving H's page tables away keeps
+        // every byte of H reachable: H stays mapped to the same memfd and
+        // refaults its pages from it. Replacing the now empty shared H by a
+        // private mapping of the same file at the same offsets shows the
+        // same bytes, so references into the heap stay valid.
+        unsafe {
+            if let Err(e) = sys::mremap_dontunmap(self.base, self.reserve, s) {
+                let _ = sys::munmap(s, self.reserve);
+                return Err(e);
+            }
+            if let Err(e) =
+                sys::map_fd_fixed(self.base, self.reserve, self.memfd.as_raw_fd(), false)
+            {
+                // H is still the shared mapping with empty page tables, which
+                // refault from the memfd: nothing was lost.
+                self.queue_unmap(s);
+                return Err(e);
+            }
+        }
+        // The moved tables must not be copied into the child (that copy is
+        // exactly the cost we avoid); if this fails fork is merely slower.
+        let _ = sys::madvise_nondestructive(s, self.reserve, libc::MADV_DONTFORK);
+        Ok(s)
+    }
+
+    fn set_async(&self, on: bool) {
+        self.want_async.store(on, SeqCst);
+        if on {
+            self.maybe_resume();
+        } else {
+            self.to_stock_if_idle();
+        }
+    }
+
+    /// IDLE -> STOCK when async fork is unwanted.
+    fn to_stock_if_idle(&self) {
+        if self.want_async.load(SeqCst)
+            || self
+                .state
+                .compare_exchange(STATE_IDLE, STATE_SWITCHING, SeqCst, SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        match self.switch_private() {
+            Ok(s) => {
+                self.queue_unmap(s);
+                self.set_state(STATE_STOCK);
+                self.maybe_resume();
+            }
+            Err(_) => self.set_state(STATE_IDLE),
+        }
+    }
+
+    /// STOCK -> FOLDING when async fork is wanted again and no stock child
+    /// still reads the memfd.
+    fn maybe_resume(&self) {
+        if !self.want_async.load(SeqCst) || !lock(&self.stock_pids).is_empty() {
+            return;
+        }
+        if self
+            .state
+            .compare_exchange(STATE_STOCK, STATE_FOLDING, SeqCst, SeqCst)
+            .is_ok()
+        {
+            lock(&self.jobs).fold = true;
+            self.jobs_cv.notify_all();
+        }
+    }
+
     fn stock_fork(&self, t0: Instant) -> io::Result<Forked> {
         match sys::fork() {
             Ok(0) => {
@@ -724,9 +814,11 @@ impl Inner {
             }
             Ok(pid) => {
                 let us = usec(t0.elapsed());
+                lock(&self.stock_pids).push(pid);
                 self.c.forks.fetch_add(1, SeqCst);
                 self.c.last_fork_usec.store(us, SeqCst);
                 self.c.max_fork_usec.fetch_max(us, SeqCst);
+                self.c.last_switch_usec.store(0, SeqCst);
                 Ok(Forked::Parent(pid))
             }
             Err(e) => Err(e),
@@ -734,11 +826,26 @@ impl Inner {
     }
 
     fn child_exited(&self, pid: libc::pid_t) -> bool {
+        {
+            let mut sp = lock(&self.stock_pids);
+            if let Some(i) = sp.iter().position(|&p| p == pid) {
+                sp.swap_remove(i);
+                drop(sp);
+                self.maybe_resume();
+                return true;
+            }
+        }
         if pid > 0 && self.child_pid.load(SeqCst) != pid {
             return false;
         }
         if self.state.load(SeqCst) != STATE_SNAPSHOT {
             return false;
+        }
+        if !self.want_async.load(SeqCst) {
+            // The heap is already private: that is the stock mode. No fold.
+            self.set_state(STATE_STOCK);
+            self.maybe_resume();
+            return true;
         }
         self.start_fold();
         true
@@ -765,6 +872,7 @@ impl Inner {
             Fold,
             Discard(usize, usize),
             Unmap(usize, usize),
+            MeasureOverlay,
         }
         loop {
             let job = {
@@ -787,10 +895,17 @@ impl Inner {
                         j.unmaps.push_front((a, l, left - c));
                         break Job::Discard(a + left - c, c);
                     }
-                    j = self.jobs_cv.wait(j).unwrap_or_else(|e| e.into_inner());
+                    let (g, t) = self
+                        .jobs_cv
+                        .wait_timeout(j, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner());
+                    j = g;
+                    if t.timed_out() && self.state.load(SeqCst) == STATE_SNAPSHOT {
+                        break Job::MeasureOverlay;
+                    }
                 }
             };
-            if !matches!(job, Job::Fold) {
+            if matches!(job, Job::Discard(..) | Job::Unmap(..)) {
                 while self.forking.load(SeqCst) {
                     std::thread::sleep(Duration::from_micros(100));
                 }
@@ -804,6 +919,16 @@ impl Inner {
                 },
                 // SAFETY: as above.
                 Job::Discard(a, l) => unsafe { sys::discard(a, l) },
+                Job::MeasureOverlay => {
+                    let mut buf = vec![PageRegion::default(); 512];
+                    let len = self.file_len.load(SeqCst);
+                    if let Ok(p) =
+                        self.pagemap
+                            .scan_anon(self.base, self.base + len, &mut buf, |_, _| {})
+                    {
+                        self.overlay_cached.store(p * PAGE, SeqCst);
+                    }
+                }
             }
         }
     }
@@ -890,6 +1015,7 @@ impl Inner {
                 c.total_overlay_bytes
                     .fetch_add((overlay * PAGE) as u64, SeqCst);
                 self.set_state(STATE_IDLE);
+                self.to_stock_if_idle();
             }
             Err((stage, e)) => {
                 self.c.fold_errors.fetch_add(1, SeqCst);

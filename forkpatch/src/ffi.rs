@@ -126,6 +126,22 @@ pub extern "C" fn forkpatch_wait_fold(timeout_ms: u64) -> c_int {
     engine().is_none_or(|e| e.wait_idle(Duration::from_millis(timeout_ms))) as c_int
 }
 
+/// `async-fork yes|no` at run time (see `Engine::set_async`). No effect if
+/// the engine is inactive.
+#[no_mangle]
+pub extern "C" fn forkpatch_set_async(on: c_int) {
+    if let Some(e) = engine() {
+        e.set_async(on != 0);
+    }
+}
+
+/// Overlay bytes as last measured in the background (about once a second
+/// while a child lives): cheap, for INFO.
+#[no_mangle]
+pub extern "C" fn forkpatch_overlay_bytes_cached() -> usize {
+    engine().map_or(0, |e| e.overlay_bytes_cached())
+}
+
 /// 1 in a child created by `forkpatch_fork`.
 #[no_mangle]
 pub extern "C" fn forkpatch_in_child() -> c_int {

@@ -17,5 +17,5 @@ mod sys;
 
 pub use engine::{
     Config, Disabled, Engine, FaultInjection, Forked, Stats, STATE_DEGRADED, STATE_FOLDING,
-    STATE_IDLE, STATE_SNAPSHOT, STATE_SWITCHING,
+    STATE_IDLE, STATE_SNAPSHOT, STATE_STOCK, STATE_SWITCHING,
 };

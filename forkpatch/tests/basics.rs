@@ -103,3 +103,83 @@ fn user_mode_only_userfaultfd_disables_the_engine_with_a_reason() {
     .expect("must refuse");
     assert!(err.reason.contains("user-mode"), "{}", err.reason);
 }
+
+fn reap(pid: libc::pid_t) -> i32 {
+    let mut st = 0;
+    // SAFETY: reaps our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+    st
+}
+
+/// Forks a child that checks, after `delay_ms`, that `s` holds `want`.
+fn fork_checker(e: &Engine, s: &[u8], want: u8, delay_ms: u32) -> libc::pid_t {
+    match e.fork(true).unwrap() {
+        Forked::Child => {
+            // SAFETY: plain libc calls in the child, then exit without unwinding.
+            unsafe {
+                libc::usleep(delay_ms * 1000);
+                let ok = s.iter().all(|&x| x == want);
+                libc::_exit(if ok { 0 } else { 1 })
+            }
+        }
+        Forked::Parent(pid) => pid,
+    }
+}
+
+#[test]
+fn async_fork_can_be_toggled_while_children_run() {
+    use forkpatch::{STATE_FOLDING, STATE_IDLE, STATE_SNAPSHOT, STATE_STOCK};
+    let e = engine(64 << 20);
+    let len = 4 << 20;
+    let a = e.alloc(len, 4096).unwrap().as_ptr();
+    // SAFETY: len bytes of region memory owned by this test.
+    let s = unsafe { std::slice::from_raw_parts_mut(a, len) };
+    s.fill(1);
+
+    // Switch off while an async child lives: applied when it exits, no fold.
+    let pid = fork_checker(&e, s, 1, 50);
+    e.set_async(false);
+    assert_eq!(e.state(), STATE_SNAPSHOT);
+    s.fill(2);
+    assert_eq!(reap(pid), 0);
+    assert!(e.child_exited(pid));
+    assert_eq!(e.state(), STATE_STOCK);
+    assert!(!e.purge(a as usize, len), "memfd frozen in stock mode");
+
+    // Stock fork; switching on while its child lives must wait for it.
+    let pid = fork_checker(&e, s, 2, 50);
+    assert_eq!(
+        e.stats().last_switch_usec,
+        0,
+        "a stock fork does not switch"
+    );
+    e.set_async(true);
+    assert_eq!(
+        e.state(),
+        STATE_STOCK,
+        "no fold while a stock child reads the memfd"
+    );
+    s.fill(3);
+    assert_eq!(reap(pid), 0);
+    assert!(e.child_exited(pid));
+    assert!(matches!(e.state(), STATE_FOLDING | STATE_IDLE));
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert_eq!(e.state(), STATE_IDLE);
+    assert!(s.iter().all(|&x| x == 3));
+
+    // Off and on again while idle; an async snapshot afterwards is right.
+    e.set_async(false);
+    assert_eq!(e.state(), STATE_STOCK);
+    s[..4096].fill(4);
+    e.set_async(true);
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert_eq!(e.state(), STATE_IDLE);
+    s[..4096].fill(3);
+    let pid = fork_checker(&e, s, 3, 20);
+    s.fill(5);
+    assert_eq!(reap(pid), 0);
+    assert!(e.child_exited(pid));
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert!(s.iter().all(|&x| x == 5));
+    assert!(e.purge(a as usize, len));
+}

@@ -227,6 +227,7 @@ struct Outcome {
     counter_failures: usize,
     parent_failures: usize,
     killed: usize,
+    stock_forks: usize,
     max_fork_us: u64,
     max_final_us: u64,
     overlay_bytes: u64,
@@ -337,6 +338,14 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
             "fold did not finish"
         );
         let t1 = Instant::now();
+        // Now and then take a stock fork (async fork switched off at run
+        // time), then switch back on: the fold then copies back everything
+        // written while the heap was private.
+        let stock = cycle % 20 == 13;
+        if stock {
+            engine.set_async(false);
+            assert_eq!(engine.state(), forkpatch::STATE_STOCK);
+        }
         pause(&ctl);
         let t2 = Instant::now();
         let lo: Vec<u64> = ctl.published.iter().map(|p| p.load(Acquire)).collect();
@@ -369,6 +378,10 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
             engine.state(),
             engine.degraded_reason()
         );
+        if stock {
+            engine.set_async(true);
+            out.stock_forks += 1;
+        }
         if killed {
             out.killed += 1;
         } else {
