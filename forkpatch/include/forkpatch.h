@@ -85,6 +85,9 @@ const char *forkpatch_disabled_reason(void);
 /* 1 if a fold failed and forks now use stock fork() (data intact). */
 int forkpatch_degraded(void);
 
+/* Why the engine degraded (static string), or NULL if it did not. */
+const char *forkpatch_degraded_reason(void);
+
 /* 1 if p lies in the heap region. */
 int forkpatch_region_contains(const void *p);
 
@@ -127,6 +130,11 @@ void forkpatch_set_async(int on);
 /* Overlay bytes as last measured in the background (refreshed about once a
  * second while a child lives; 0 otherwise). Cheap: use it for INFO. */
 size_t forkpatch_overlay_bytes_cached(void);
+
+/* Bytes of memory held by the heap memfd's pages, mapped or not. After a
+ * fold-back the heap mapping is fresh and only the pages touched since count
+ * in the process RSS: RSS - RssShmem + this is the truthful figure. */
+uint64_t forkpatch_region_resident_bytes(void);
 
 /* 1 in a child created by forkpatch_fork(). */
 int forkpatch_in_child(void);

@@ -422,6 +422,13 @@ impl Engine {
         }
     }
 
+    /// Memory held by the memfd's pages. The process RSS counts only the
+    /// pages currently mapped, which after a fold-back is a fraction of them:
+    /// add this (minus RssShmem) for a truthful resident figure.
+    pub fn resident_bytes(&self) -> u64 {
+        sys::allocated_bytes(&self.inner.memfd)
+    }
+
     /// True while a snapshot or its fold is in progress (a new fork would
     /// wait or fail with EBUSY).
     pub fn busy(&self) -> bool {

@@ -57,6 +57,20 @@ pub extern "C" fn forkpatch_disabled_reason() -> *const c_char {
     }
 }
 
+static DEGRADED_REASON: OnceLock<CString> = OnceLock::new();
+
+/// Why the engine degraded to stock fork (static string), or NULL if it did
+/// not. Degradation is permanent, so the string stays valid.
+#[no_mangle]
+pub extern "C" fn forkpatch_degraded_reason() -> *const c_char {
+    let Some(r) = engine().and_then(|e| e.degraded_reason()) else {
+        return std::ptr::null();
+    };
+    DEGRADED_REASON
+        .get_or_init(|| CString::new(r).unwrap_or_else(|_| CString::from(c"fold failed")))
+        .as_ptr()
+}
+
 /// 1 if a fold failed and the engine now uses stock fork (data intact).
 #[no_mangle]
 pub extern "C" fn forkpatch_degraded() -> c_int {
@@ -140,6 +154,13 @@ pub extern "C" fn forkpatch_set_async(on: c_int) {
 #[no_mangle]
 pub extern "C" fn forkpatch_overlay_bytes_cached() -> usize {
     engine().map_or(0, |e| e.overlay_bytes_cached())
+}
+
+/// Bytes of memory held by the heap memfd (its resident pages, mapped or
+/// not): process RSS undercounts them after a fold-back.
+#[no_mangle]
+pub extern "C" fn forkpatch_region_resident_bytes() -> u64 {
+    engine().map_or(0, |e| e.resident_bytes())
 }
 
 /// 1 in a child created by `forkpatch_fork`.

@@ -47,6 +47,18 @@ pub fn ftruncate(fd: &OwnedFd, len: usize) -> io::Result<()> {
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(|_| ())
 }
 
+/// Bytes of memory the file's pages occupy (allocated blocks).
+pub fn allocated_bytes(fd: &OwnedFd) -> u64 {
+    // SAFETY: fstat writes into a local stat struct.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+            return 0;
+        }
+        st.st_blocks as u64 * 512
+    }
+}
+
 /// Frees the file pages in `[off, off+len)`; every mapping of the file then
 /// reads zeros there. Memory safety is unaffected (pages read as zero).
 pub fn punch_hole(fd: &OwnedFd, off: usize, len: usize) -> io::Result<()> {
