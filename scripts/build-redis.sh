@@ -4,7 +4,8 @@
 #   .build/redis/stock/redis-server     unmodified
 #   .build/redis/patched/redis-server   forkpatch/patches/redis-7.0.15.patch
 #                                       + c-shim/ + libforkpatch.a
-# (redis-cli and redis-benchmark are copied next to the stock server.)
+# (redis-cli and redis-benchmark are copied next to the stock server, and
+# Redis' own fork test module to .build/redis/modules/fork.so.)
 #
 # Source, in this order:
 #   REDIS_SRC_DIR=/path/to/redis-7.0.15   an unpacked tree (copied, not modified)
@@ -96,7 +97,12 @@ echo "build-redis: patched redis-server"
 nice -n 19 make -C "$out/tree-patched" -j"$jobs" "${flags[@]}" FORKPATCH_LIB="$lib" \
   >"$out/patched-build.log" 2>&1 || { tail -30 "$out/patched-build.log"; exit 1; }
 
-mkdir -p "$out/stock" "$out/patched"
+echo "build-redis: test module fork.so (RedisModule_Fork)"
+nice -n 19 make -C "$out/tree-patched/tests/modules" fork.so >>"$out/patched-build.log" 2>&1 ||
+  { tail -30 "$out/patched-build.log"; exit 1; }
+
+mkdir -p "$out/stock" "$out/patched" "$out/modules"
+install -m 755 "$out/tree-patched/tests/modules/fork.so" "$out/modules/fork.so"
 install -m 755 "$out/tree-stock/src/redis-server" "$out/stock/redis-server"
 install -m 755 "$out/tree-stock/src/redis-cli" "$out/stock/redis-cli"
 install -m 755 "$out/tree-stock/src/redis-benchmark" "$out/stock/redis-benchmark"

@@ -373,12 +373,22 @@ fn replica_full_sync_while_writing() {
     r.wait_field("replication", "master_link_status", "up");
     w.wait_for(2000);
     let last = w.stop();
-    let n: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(10000)
-        .query(&mut p.conn())
-        .unwrap();
-    assert_eq!(n, 1);
+    // WAIT on a fresh connection would not wait (it has written nothing):
+    // poll the replica until it has applied the last acknowledged write.
+    let mut rc = r.conn();
+    let t = Instant::now();
+    while redis::cmd("GET")
+        .arg("seq")
+        .query::<Option<u64>>(&mut rc)
+        .unwrap()
+        != Some(last)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "replica never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(check_prefix(&mut p.conn(), BASE_KEYS), last);
     assert_eq!(
         check_prefix(&mut r.conn(), BASE_KEYS),
@@ -441,4 +451,141 @@ fn killed_child_toggling_and_debug_reload() {
         .unwrap();
     assert_eq!(check_prefix(&mut s.conn(), BASE_KEYS), last);
     assert_eq!(s.field("persistence", "async_fork_active"), "1");
+}
+
+/// Weaker check where keys may be evicted: every k:j present holds its
+/// value, and nothing above `seq` exists when `seq` is present.
+fn check_values(c: &mut redis::Connection) -> usize {
+    let seq: Option<u64> = redis::cmd("GET").arg("seq").query(c).unwrap();
+    let mut cursor = 0u64;
+    let mut n = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("k:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query(c)
+            .unwrap();
+        if !keys.is_empty() {
+            let vals: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(c).unwrap();
+            for (k, v) in keys.iter().zip(vals) {
+                let j: u64 = k[2..].parse().unwrap();
+                if let Some(v) = v {
+                    assert_eq!(v, val(j), "{k} wrong");
+                    if let Some(s) = seq {
+                        assert!(j <= s, "{k} present although seq is {s}");
+                    }
+                    n += 1;
+                }
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            return n;
+        }
+    }
+}
+
+#[test]
+fn eviction_lazyfree_and_io_threads_during_snapshots() {
+    let Some(bin) = server_bin() else { return };
+    let s = Server::start(
+        &bin,
+        &[
+            "--maxmemory",
+            "30mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+            "--lazyfree-lazy-eviction",
+            "yes",
+            "--lazyfree-lazy-user-del",
+            "yes",
+            "--io-threads",
+            "2",
+            "--io-threads-do-reads",
+            "yes",
+        ],
+    );
+    populate(&s);
+    let w = Writer::start(&s);
+    let mut c = s.conn();
+    for n in 0..3u64 {
+        w.wait_for(3000);
+        let _: String = redis::cmd("BGSAVE").query(&mut c).unwrap();
+        // Free memory in the background (lazyfree) while the child lives.
+        let keys: Vec<String> = (n * 5000..(n + 1) * 5000)
+            .map(|k| format!("key:{k}"))
+            .collect();
+        let _: i64 = redis::cmd("UNLINK").arg(&keys).query(&mut c).unwrap();
+        s.wait_bgsave();
+        check_rdb_values(&bin, &s.dir.path().join("dump.rdb"));
+    }
+    w.stop();
+    s.wait_not_folding();
+    assert!(check_values(&mut c) > 0);
+    let evicted: u64 = s.field("stats", "evicted_keys").parse().unwrap();
+    assert!(evicted > 0, "test did not evict");
+    let used: u64 = s.field("memory", "used_memory").parse().unwrap();
+    assert!(used < 40 << 20, "used_memory {used} above maxmemory");
+    assert_eq!(s.field("persistence", "async_fork_active"), "1");
+}
+
+fn check_rdb_values(bin: &Path, rdb: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(rdb, dir.path().join("dump.rdb")).unwrap();
+    let s = Server::start_in(bin, dir, &["--async-fork", "no"]);
+    s.wait_field("persistence", "loading", "0");
+    check_values(&mut s.conn());
+}
+
+#[test]
+fn module_fork_runs_through_the_engine() {
+    let Some(bin) = server_bin() else { return };
+    let module = bin.parent().unwrap().join("../modules/fork.so");
+    if !module.exists() {
+        eprintln!(
+            "skipped: {} missing (run scripts/build-redis.sh)",
+            module.display()
+        );
+        return;
+    }
+    let s = Server::start(&bin, &["--loadmodule", module.to_str().unwrap()]);
+    let mut c = s.conn();
+    populate(&s);
+    let folds0: u64 = s.field("persistence", "async_fork_folds").parse().unwrap();
+    // A module child that exits with code 3; the done handler records it.
+    let _: i64 = redis::cmd("FORK.CREATE")
+        .arg(3)
+        .arg(100_000)
+        .query(&mut c)
+        .unwrap();
+    let t = Instant::now();
+    while redis::cmd("FORK.EXITCODE").query::<i64>(&mut c).unwrap() != 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "module child never reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.wait_not_folding();
+    // A long-running module child killed through the API (which waits for it).
+    let _: i64 = redis::cmd("FORK.CREATE")
+        .arg(0)
+        .arg(30_000_000)
+        .query(&mut c)
+        .unwrap();
+    let _: i64 = redis::cmd("FORK.KILL").query(&mut c).unwrap();
+    s.wait_not_folding();
+    let folds: u64 = s.field("persistence", "async_fork_folds").parse().unwrap();
+    assert_eq!(folds, folds0 + 2, "{}", s.info("persistence"));
+    // The engine is usable afterwards: an exact BGSAVE under writes.
+    let w = Writer::start(&s);
+    w.wait_for(2000);
+    let _: String = redis::cmd("BGSAVE").query(&mut c).unwrap();
+    s.wait_bgsave();
+    let last = w.stop();
+    assert_eq!(check_prefix(&mut c, BASE_KEYS), last);
+    check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
 }
