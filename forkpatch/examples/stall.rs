@@ -84,12 +84,15 @@ fn main() {
                 Forked::Child => unsafe { libc::_exit(0) },
                 Forked::Parent(pid) => pid,
             };
+            let nowrite = std::env::var_os("NOWRITE").is_some();
             // The parent rewrites 10% of the pages while the child lives.
             let t = Instant::now();
             // SAFETY: p is len bytes of region memory.
             unsafe {
                 for i in (0..len).step_by(PAGE * 10) {
-                    *(p.add(i) as *mut u64) ^= 1;
+                    if !nowrite {
+                        *(p.add(i) as *mut u64) ^= 1;
+                    }
                 }
             }
             let cow = t.elapsed();
@@ -102,7 +105,9 @@ fn main() {
             // SAFETY: p is len bytes of region memory.
             unsafe {
                 for i in (PAGE * 5..len).step_by(PAGE * 50) {
-                    *(p.add(i) as *mut u64) ^= 1;
+                    if !nowrite {
+                        *(p.add(i) as *mut u64) ^= 1;
+                    }
                 }
             }
             let fold_writes = t.elapsed();

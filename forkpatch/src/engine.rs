@@ -161,8 +161,10 @@ struct Counters {
 #[derive(Default)]
 struct Jobs {
     fold: bool,
-    /// Old page tables to drop: (start, length, bytes still to discard).
+    /// Old page tables to drop: (start, length, populated prefix length).
     unmaps: VecDeque<(usize, usize, usize)>,
+    /// Teardown steps popped but not finished.
+    inflight: usize,
 }
 
 struct Inner {
@@ -203,6 +205,12 @@ struct Inner {
     /// Children of stock forks (STOCK/DEGRADED) still alive: the memfd must
     /// stay frozen until they are gone (they refault from it).
     stock_pids: Mutex<Vec<libc::pid_t>>,
+    /// An address range reserved in advance for the next switch: reserving
+    /// 1 GiB-aligned space right after a teardown took 1-4 ms here, inside
+    /// the fork stall.
+    spare: Mutex<Option<usize>>,
+    /// Reserving failed; retried after the next switch only.
+    spare_failed: AtomicBool,
     /// Overlay size measured by the worker about once a second during a
     /// snapshot, for cheap reads (INFO).
     overlay_cached: AtomicUsize,
@@ -320,6 +328,8 @@ impl Engine {
             want_async: AtomicBool::new(true),
             stock_pids: Mutex::new(Vec::new()),
             overlay_cached: AtomicUsize::new(0),
+            spare: Mutex::new(None),
+            spare_failed: AtomicBool::new(false),
             degraded_reason: Mutex::new(None),
             c: Counters::default(),
         });
@@ -429,6 +439,15 @@ impl Engine {
         sys::allocated_bytes(&self.inner.memfd)
     }
 
+    /// True while old page tables (from a switch or a flip) are still being
+    /// torn down in the background. Forks are fine meanwhile, but back-to-back
+    /// forks faster than the teardown let the backlog (and the number of
+    /// mappings fork() walks) grow; benchmarks wait for this to clear.
+    pub fn teardown_pending(&self) -> bool {
+        let j = lock(&self.inner.jobs);
+        !j.unmaps.is_empty() || j.inflight > 0
+    }
+
     /// True while a snapshot or its fold is in progress (a new fork would
     /// wait or fail with EBUSY).
     pub fn busy(&self) -> bool {
@@ -509,6 +528,9 @@ impl Drop for Engine {
                 let _ = sys::munmap(a, l);
             }
             let _ = sys::munmap(i.base, i.reserve);
+            if let Some(s) = lock(&i.spare).take() {
+                let _ = sys::munmap(s, i.reserve);
+            }
             let _ = sys::munmap(i.mview, i.reserve);
         }
     }
@@ -742,7 +764,14 @@ impl Inner {
         while self.purgers.load(SeqCst) != 0 {
             std::hint::spin_loop();
         }
-        let s = sys::reserve_aligned(self.reserve, GIB)?;
+        let spare = lock(&self.spare).take();
+        let s = match spare {
+            Some(s) => s,
+            None => sys::reserve_aligned(self.reserve, GIB)?,
+        };
+        // The worker reserves the next one in the background.
+        self.spare_failed.store(false, SeqCst);
+        self.jobs_cv.notify_all();
         // SAFETY: s is a fresh reservation. Moving H's page tables away keeps
         // every byte of H reachable: H stays mapped to the same memfd and
         // refaults its pages from it. Replacing the now empty shared H by a
@@ -877,9 +906,10 @@ impl Inner {
     fn worker_loop(&self) {
         enum Job {
             Fold,
-            Discard(usize, usize),
-            Unmap(usize, usize),
+            /// (start, length, drop the pages first)
+            Unmap(usize, usize, bool),
             MeasureOverlay,
+            Reserve,
         }
         loop {
             let job = {
@@ -892,15 +922,29 @@ impl Inner {
                         j.fold = false;
                         break Job::Fold;
                     }
+                    if !self.forking.load(SeqCst)
+                        && !self.spare_failed.load(SeqCst)
+                        && lock(&self.spare).is_none()
+                    {
+                        break Job::Reserve;
+                    }
                     if let Some((a, l, left)) = j.unmaps.pop_front() {
-                        if left == 0 {
-                            break Job::Unmap(a, l);
+                        j.inflight += 1;
+                        if l > left {
+                            // The part without page tables goes at once.
+                            if left > 0 {
+                                j.unmaps.push_front((a, left, left));
+                            }
+                            break Job::Unmap(a + left, l - left, false);
                         }
-                        // Discard the populated part chunk by chunk, from
-                        // the end, then unmap what is left (now empty).
+                        // The populated part goes one page table at a time,
+                        // from the end: each step holds the address-space
+                        // lock only briefly, and none starts during a fork.
                         let c = left.min(UNMAP_CHUNK);
-                        j.unmaps.push_front((a, l, left - c));
-                        break Job::Discard(a + left - c, c);
+                        if left > c {
+                            j.unmaps.push_front((a, left - c, left - c));
+                        }
+                        break Job::Unmap(a + left - c, c, true);
                     }
                     let (g, t) = self
                         .jobs_cv
@@ -912,20 +956,39 @@ impl Inner {
                     }
                 }
             };
-            if matches!(job, Job::Discard(..) | Job::Unmap(..)) {
+            if matches!(job, Job::Unmap(..)) {
                 while self.forking.load(SeqCst) {
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
             match job {
                 Job::Fold => self.fold(),
-                // SAFETY: queued ranges are engine-owned leftovers of a
-                // switch or flip; nothing references them.
-                Job::Unmap(a, l) => unsafe {
-                    let _ = sys::munmap(a, l);
+                Job::Unmap(a, l, discard) => {
+                    // SAFETY: queued ranges are engine-owned leftovers of a
+                    // switch or flip; nothing references them.
+                    unsafe {
+                        if discard {
+                            sys::discard(a, l);
+                        }
+                        let _ = sys::munmap(a, l);
+                    }
+                    lock(&self.jobs).inflight -= 1;
+                }
+                Job::Reserve => match sys::reserve_aligned(self.reserve, GIB) {
+                    Err(_) => self.spare_failed.store(true, SeqCst),
+                    Ok(s) => {
+                        let mut sp = lock(&self.spare);
+                        if sp.is_none() {
+                            *sp = Some(s);
+                        } else {
+                            drop(sp);
+                            // SAFETY: s is the reservation we just made.
+                            unsafe {
+                                let _ = sys::munmap(s, self.reserve);
+                            }
+                        }
+                    }
                 },
-                // SAFETY: as above.
-                Job::Discard(a, l) => unsafe { sys::discard(a, l) },
                 Job::MeasureOverlay => {
                     let mut buf = vec![PageRegion::default(); 512];
                     let len = self.file_len.load(SeqCst);
