@@ -1,0 +1,190 @@
+//! C ABI over one process-wide engine. Declared in `include/forkpatch.h`.
+//!
+//! Thread-safety: every function may be called from any thread, except
+//! that `forkpatch_init` must run before any other thread uses the engine.
+
+use crate::engine::{Config, Engine, Forked, Stats};
+use std::ffi::{c_char, c_int, CString};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static ENGINE: OnceLock<Result<Engine, CString>> = OnceLock::new();
+
+fn engine() -> Option<&'static Engine> {
+    ENGINE.get().and_then(|r| r.as_ref().ok())
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Sets the engine up. `reserve_bytes` is the address space to reserve for
+/// the heap (0 = 64 GiB), `max_bytes` the most the heap may grow to (0 = no
+/// limit besides the reserve). Returns 1 if the engine is active, 0 if not
+/// (see `forkpatch_disabled_reason`). Only the first call has an effect.
+#[no_mangle]
+pub extern "C" fn forkpatch_init(reserve_bytes: usize, max_bytes: usize) -> c_int {
+    let r = ENGINE.get_or_init(|| {
+        let mut cfg = Config::default();
+        if reserve_bytes != 0 {
+            cfg.reserve_bytes = reserve_bytes;
+        }
+        if max_bytes != 0 {
+            cfg.max_bytes = max_bytes;
+        }
+        Engine::new(cfg).map_err(|d| {
+            CString::new(d.reason).unwrap_or_else(|_| CString::from(c"engine disabled"))
+        })
+    });
+    r.is_ok() as c_int
+}
+
+/// 1 if the engine is active in this process.
+#[no_mangle]
+pub extern "C" fn forkpatch_active() -> c_int {
+    engine().is_some() as c_int
+}
+
+/// Why the engine is not active (static string), or NULL if it is. If it
+/// degraded after a failed fold, see `forkpatch_degraded` instead.
+#[no_mangle]
+pub extern "C" fn forkpatch_disabled_reason() -> *const c_char {
+    match ENGINE.get() {
+        None => c"not initialised".as_ptr(),
+        Some(Err(s)) => s.as_ptr(),
+        Some(Ok(_)) => std::ptr::null(),
+    }
+}
+
+static DEGRADED_REASON: OnceLock<CString> = OnceLock::new();
+
+/// Why the engine degraded to stock fork (static string), or NULL if it did
+/// not. Degradation is permanent, so the string stays valid.
+#[no_mangle]
+pub extern "C" fn forkpatch_degraded_reason() -> *const c_char {
+    let Some(r) = engine().and_then(|e| e.degraded_reason()) else {
+        return std::ptr::null();
+    };
+    DEGRADED_REASON
+        .get_or_init(|| CString::new(r).unwrap_or_else(|_| CString::from(c"fold failed")))
+        .as_ptr()
+}
+
+/// 1 if a fold failed and the engine now uses stock fork (data intact).
+#[no_mangle]
+pub extern "C" fn forkpatch_degraded() -> c_int {
+    engine().is_some_and(|e| e.state() == crate::STATE_DEGRADED) as c_int
+}
+
+/// 1 if `p` lies inside the engine's heap region.
+#[no_mangle]
+pub extern "C" fn forkpatch_region_contains(p: *const libc::c_void) -> c_int {
+    engine().is_some_and(|e| e.contains(p as usize)) as c_int
+}
+
+/// `size` bytes of the heap region aligned to `align`, zero-filled when
+/// first handed out, or NULL (out of memory, engine inactive, or called in
+/// a snapshot child, where the caller must use anonymous memory).
+#[no_mangle]
+pub extern "C" fn forkpatch_region_alloc(size: usize, align: usize) -> *mut libc::c_void {
+    engine()
+        .and_then(|e| e.alloc(size, align))
+        .map_or(std::ptr::null_mut(), |p| p.as_ptr() as *mut _)
+}
+
+/// Frees the pages of a page-aligned range of the region; they read as zero
+/// afterwards. Returns 1 on success, 0 if refused (snapshot or fold in
+/// progress, or in a child): the contents are then unchanged.
+#[no_mangle]
+pub extern "C" fn forkpatch_region_purge(p: *mut libc::c_void, len: usize) -> c_int {
+    engine().is_some_and(|e| e.purge(p as usize, len)) as c_int
+}
+
+/// The fork replacement: returns like fork(2). With the engine inactive it
+/// is fork(2). If the previous snapshot is still being folded, waits for it
+/// (check `forkpatch_busy` first to avoid that).
+#[no_mangle]
+pub extern "C" fn forkpatch_fork() -> libc::pid_t {
+    let Some(e) = engine() else {
+        // SAFETY: plain fork(2), same contract as the caller's.
+        return unsafe { libc::fork() };
+    };
+    match e.fork(true) {
+        Ok(Forked::Child) => 0,
+        Ok(Forked::Parent(pid)) => pid,
+        Err(err) => {
+            set_errno(err.raw_os_error().unwrap_or(libc::EAGAIN));
+            -1
+        }
+    }
+}
+
+/// Call after reaping the child returned by `forkpatch_fork` (any exit
+/// status, including killed). Starts the background fold. Returns 1 if a
+/// snapshot was ended.
+#[no_mangle]
+pub extern "C" fn forkpatch_child_exited(pid: libc::pid_t) -> c_int {
+    engine().is_some_and(|e| e.child_exited(pid)) as c_int
+}
+
+/// 1 while a snapshot is alive or being folded back.
+#[no_mangle]
+pub extern "C" fn forkpatch_busy() -> c_int {
+    engine().is_some_and(|e| e.busy()) as c_int
+}
+
+/// Waits up to `timeout_ms` for a running fold to finish; 1 if none runs.
+#[no_mangle]
+pub extern "C" fn forkpatch_wait_fold(timeout_ms: u64) -> c_int {
+    engine().is_none_or(|e| e.wait_idle(Duration::from_millis(timeout_ms))) as c_int
+}
+
+/// `async-fork yes|no` at run time (see `Engine::set_async`). No effect if
+/// the engine is inactive.
+#[no_mangle]
+pub extern "C" fn forkpatch_set_async(on: c_int) {
+    if let Some(e) = engine() {
+        e.set_async(on != 0);
+    }
+}
+
+/// Overlay bytes as last measured in the background (about once a second
+/// while a child lives): cheap, for INFO.
+#[no_mangle]
+pub extern "C" fn forkpatch_overlay_bytes_cached() -> usize {
+    engine().map_or(0, |e| e.overlay_bytes_cached())
+}
+
+/// Bytes of memory held by the heap memfd (its resident pages, mapped or
+/// not): process RSS undercounts them after a fold-back.
+#[no_mangle]
+pub extern "C" fn forkpatch_region_resident_bytes() -> u64 {
+    engine().map_or(0, |e| e.resident_bytes())
+}
+
+/// 1 in a child created by `forkpatch_fork`.
+#[no_mangle]
+pub extern "C" fn forkpatch_in_child() -> c_int {
+    engine().is_some_and(|e| e.in_child()) as c_int
+}
+
+/// Bytes the parent currently holds copied-on-write (walks page tables).
+#[no_mangle]
+pub extern "C" fn forkpatch_overlay_bytes() -> usize {
+    engine().map_or(0, |e| e.overlay_bytes())
+}
+
+/// Fills `*out` with the engine's counters (zeros if inactive).
+///
+/// # Safety
+/// `out` must be NULL or point to a writable `struct forkpatch_stats`.
+#[no_mangle]
+pub unsafe extern "C" fn forkpatch_stats(out: *mut Stats) {
+    if out.is_null() {
+        return;
+    }
+    let s = engine().map(|e| e.stats()).unwrap_or_default();
+    // SAFETY: the caller guarantees out is valid for writes.
+    unsafe { out.write(s) };
+}

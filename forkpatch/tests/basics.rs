@@ -1,0 +1,185 @@
+//! Edge cases of the engine: growth limits (OOM), purge semantics, and the
+//! fallback when userfaultfd cannot see kernel-mode faults.
+
+use forkpatch::{Config, Engine, Forked};
+use std::time::Duration;
+
+fn engine(max: usize) -> Engine {
+    Engine::new(Config {
+        reserve_bytes: 1 << 30,
+        max_bytes: max,
+        ..Config::default()
+    })
+    .expect("engine available")
+}
+
+#[test]
+fn growth_limit_behaves_like_oom_without_corruption() {
+    let e = engine(8 << 20);
+    let a = e.alloc(4 << 20, 4096).expect("fits");
+    // SAFETY: a is 4 MiB of region memory owned by this test.
+    let s = unsafe { std::slice::from_raw_parts_mut(a.as_ptr(), 4 << 20) };
+    s.fill(0x5A);
+    assert!(
+        e.alloc(8 << 20, 4096).is_none(),
+        "must fail beyond max_bytes"
+    );
+    assert!(e.alloc(usize::MAX / 2, 4096).is_none());
+    let b = e.alloc(2 << 20, 4096).expect("smaller request still fits");
+    // SAFETY: b is 2 MiB of fresh region memory.
+    let t = unsafe { std::slice::from_raw_parts(b.as_ptr(), 2 << 20) };
+    assert!(t.iter().all(|&x| x == 0), "fresh memory is zeroed");
+    assert!(s.iter().all(|&x| x == 0x5A), "existing data untouched");
+    assert!(e.contains(a.as_ptr() as usize) && e.contains(b.as_ptr() as usize));
+}
+
+#[test]
+fn purge_zeroes_when_idle_and_is_refused_during_a_snapshot() {
+    let e = engine(64 << 20);
+    let len = 1 << 20;
+    let a = e.alloc(len, 4096).unwrap().as_ptr() as usize;
+    // SAFETY: a is len bytes of region memory owned by this test.
+    let s = unsafe { std::slice::from_raw_parts_mut(a as *mut u8, len) };
+    s.fill(7);
+    assert!(e.purge(a, len));
+    assert!(s.iter().all(|&x| x == 0), "purged pages read as zero");
+    s.fill(9);
+    let pid = match e.fork(true).unwrap() {
+        Forked::Child => {
+            // The child sees the snapshot and may not purge.
+            // SAFETY: exits the child immediately with a status.
+            let ok = s.iter().all(|&x| x == 9) && !e.purge(a, len) && e.alloc(4096, 4096).is_none();
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        Forked::Parent(pid) => pid,
+    };
+    assert!(
+        !e.purge(a, len),
+        "purge must be refused while a child lives"
+    );
+    assert!(s.iter().all(|&x| x == 9));
+    s[..4096].fill(3);
+    let mut st = 0;
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert_eq!(st, 0, "child saw a wrong snapshot");
+    assert!(e.child_exited(pid));
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert!(s[..4096].iter().all(|&x| x == 3) && s[4096..].iter().all(|&x| x == 9));
+    assert!(e.purge(a, len), "purge allowed again after the fold");
+    assert!(e.stats().purge_refused >= 1);
+}
+
+#[test]
+fn busy_engine_refuses_a_second_snapshot_without_waiting() {
+    let e = engine(16 << 20);
+    let pid = match e.fork(true).unwrap() {
+        // SAFETY: exits the child at once.
+        Forked::Child => unsafe { libc::_exit(0) },
+        Forked::Parent(pid) => pid,
+    };
+    let err = e.fork(false).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY));
+    let mut st = 0;
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert!(e.child_exited(pid));
+    assert!(
+        !e.child_exited(pid),
+        "second report of the same child is ignored"
+    );
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert!(!e.busy());
+}
+
+#[test]
+fn user_mode_only_userfaultfd_disables_the_engine_with_a_reason() {
+    let err = Engine::new(Config {
+        reserve_bytes: 1 << 30,
+        simulate_unprivileged: true,
+        ..Config::default()
+    })
+    .err()
+    .expect("must refuse");
+    assert!(err.reason.contains("user-mode"), "{}", err.reason);
+}
+
+fn reap(pid: libc::pid_t) -> i32 {
+    let mut st = 0;
+    // SAFETY: reaps our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+    st
+}
+
+/// Forks a child that checks, after `delay_ms`, that `s` holds `want`.
+fn fork_checker(e: &Engine, s: &[u8], want: u8, delay_ms: u32) -> libc::pid_t {
+    match e.fork(true).unwrap() {
+        Forked::Child => {
+            // SAFETY: plain libc calls in the child, then exit without unwinding.
+            unsafe {
+                libc::usleep(delay_ms * 1000);
+                let ok = s.iter().all(|&x| x == want);
+                libc::_exit(if ok { 0 } else { 1 })
+            }
+        }
+        Forked::Parent(pid) => pid,
+    }
+}
+
+#[test]
+fn async_fork_can_be_toggled_while_children_run() {
+    use forkpatch::{STATE_FOLDING, STATE_IDLE, STATE_SNAPSHOT, STATE_STOCK};
+    let e = engine(64 << 20);
+    let len = 4 << 20;
+    let a = e.alloc(len, 4096).unwrap().as_ptr();
+    // SAFETY: len bytes of region memory owned by this test.
+    let s = unsafe { std::slice::from_raw_parts_mut(a, len) };
+    s.fill(1);
+
+    // Switch off while an async child lives: applied when it exits, no fold.
+    let pid = fork_checker(&e, s, 1, 50);
+    e.set_async(false);
+    assert_eq!(e.state(), STATE_SNAPSHOT);
+    s.fill(2);
+    assert_eq!(reap(pid), 0);
+    assert!(e.child_exited(pid));
+    assert_eq!(e.state(), STATE_STOCK);
+    assert!(!e.purge(a as usize, len), "memfd frozen in stock mode");
+
+    // Stock fork; switching on while its child lives must wait for it.
+    let pid = fork_checker(&e, s, 2, 50);
+    assert_eq!(
+        e.stats().last_switch_usec,
+        0,
+        "a stock fork does not switch"
+    );
+    e.set_async(true);
+    assert_eq!(
+        e.state(),
+        STATE_STOCK,
+        "no fold while a stock child reads the memfd"
+    );
+    s.fill(3);
+    assert_eq!(reap(pid), 0);
+    assert!(e.child_exited(pid));
+    assert!(matches!(e.state(), STATE_FOLDING | STATE_IDLE));
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert_eq!(e.state(), STATE_IDLE);
+    assert!(s.iter().all(|&x| x == 3));
+
+    // Off and on again while idle; an async snapshot afterwards is right.
+    e.set_async(false);
+    assert_eq!(e.state(), STATE_STOCK);
+    s[..4096].fill(4);
+    e.set_async(true);
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert_eq!(e.state(), STATE_IDLE);
+    s[..4096].fill(3);
+    let pid = fork_checker(&e, s, 3, 20);
+    s.fill(5);
+    assert_eq!(reap(pid), 0);
+    assert!(e.child_exited(pid));
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    assert!(s.iter().all(|&x| x == 5));
+    assert!(e.purge(a as usize, len));
+}
