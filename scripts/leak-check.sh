@@ -25,6 +25,8 @@ bash scripts/deps.sh
 server="$root/.build/redis/libc/redis-server"
 if [ ! -x "$server" ]; then
   src="${REDIS_SRC:-}"
+  # Reuse the tree scripts/build-redis.sh fetched, if there is one.
+  [ -z "$src" ] && [ -f "$root/.build/redis/src/src/server.c" ] && src="$root/.build/redis/src"
   if [ -z "$src" ]; then
     mkdir -p .build/src
     src=$(ls -d "$root"/.build/src/redis-7.0.15 2>/dev/null || true)

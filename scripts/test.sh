@@ -12,6 +12,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== build stock and patched redis-server 7.0.15 (async fork; cached in .build/redis)"
+MAKE_JOBS="$(nproc)" CARGO_BUILD_JOBS="$(nproc)" bash scripts/build-redis.sh
+# The fork engine's Redis-level tests must not skip in CI.
+export FORKPATCH_REQUIRE_REDIS=1
 echo "== build the module"
 cargo build -p slots
 export SLOTS_MODULE="$root/target/debug/libslots.so"
