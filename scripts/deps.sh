@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what slotfork needs on a Debian machine, only where it is missing:
 # redis-server (the server the module loads into and the tests start),
-# libclang (bindgen, used by the redis-module crate), valgrind (leak check).
+# libclang (bindgen, used by the redis-module crate), valgrind (leak check),
+# and what building redis-server from Debian's source needs.
 # Safe to run again; it does nothing when everything is there.
 set -euo pipefail
 
@@ -12,6 +13,11 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v clang >/dev/null 2>&1 || need+=(clang)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# Building redis-server from source (scripts/build-redis.sh, leak-check.sh).
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v patch >/dev/null 2>&1 || need+=(patch)
+command -v dpkg-source >/dev/null 2>&1 || need+=(dpkg-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}"
