@@ -21,8 +21,13 @@ cargo build -p slots
 export SLOTS_MODULE="$root/target/debug/libslots.so"
 export REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server)}"
 echo "== unit and integration tests (redis-server: $REDIS_SERVER)"
-cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+mkdir -p .build
+cargo test --workspace -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee .build/test-output.log
 if [ "${LEAK_CHECK:-1}" = 1 ]; then
   echo "== leak check (valgrind; LEAK_CHECK=0 skips it)"
   bash scripts/leak-check.sh
 fi
+# One closing line for the whole run (the leak check prints its own verdict
+# above; reaching this line means it passed).
+grep -E '^test result' .build/test-output.log |
+  awk '{p+=$4; f+=$6} END {printf "slotfork: %d passed, %d failed\n", p, f}'
