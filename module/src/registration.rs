@@ -10,9 +10,8 @@ use std::ffi::CString;
 use std::os::raw::c_int;
 
 use redis_module::raw;
-use redis_module::Context;
 
-use crate::commands::run;
+use crate::commands::entry;
 use crate::ffi::{self, Ctx};
 use crate::{config, cron, events, info, rebuild, state, valkey_db_fix};
 
@@ -42,26 +41,13 @@ extern "C" fn selftest_leak(
     raw::REDISMODULE_OK as c_int
 }
 
-/// The C entry of every SLOTS.* command: dispatches on the command name.
+/// The C entry of every SLOTS.* command.
 extern "C" fn command(
     ctx: *mut raw::RedisModuleCtx,
     argv: *mut *mut raw::RedisModuleString,
     argc: c_int,
 ) -> c_int {
-    ffi::guard(
-        "command",
-        || raw::REDISMODULE_OK as c_int,
-        || {
-            let context = Context::new(ctx);
-            let args = redis_module::decode_args(ctx, argv, argc);
-            let name = args
-                .first()
-                .map(|a| a.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            let result = run(&context, args, &name);
-            context.reply(result) as c_int
-        },
-    )
+    entry(ctx, argv, argc, true)
 }
 
 /// # Safety

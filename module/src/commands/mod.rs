@@ -1,7 +1,9 @@
 //! The SLOTS.* commands: argument parsing shared by all of them, and the
 //! panic guard each one runs under. One file per command family.
 
-use redis_module::{Context, RedisError, RedisResult, RedisString};
+use std::os::raw::c_int;
+
+use redis_module::{raw, Context, RedisError, RedisResult, RedisString};
 
 use crate::ffi::guard;
 
@@ -32,26 +34,42 @@ fn reads_index(name: &str) -> bool {
     name != "slots.hashkey"
 }
 
-/// Runs command `name`; a panic becomes an error reply (and a log line),
-/// never an abort of the server.
-pub fn run(ctx: &Context, args: Vec<RedisString>, name: &str) -> RedisResult {
-    guard(
-        name,
+/// The server-facing entry of every SLOTS.* command (and of its re-run after
+/// waiting for the index): decodes the arguments, runs the command named by
+/// the first one, replies. A panic becomes an error reply and a log line,
+/// never an abort of the server. `may_wait`: the client may block while the
+/// index is rebuilt (false for the re-run, which answers -LOADING if another
+/// rebuild started meanwhile).
+pub fn entry(
+    ctx: *mut raw::RedisModuleCtx,
+    argv: *mut *mut raw::RedisModuleString,
+    argc: c_int,
+    may_wait: bool,
+) -> c_int {
+    let context = Context::new(ctx);
+    let result = guard(
+        "command",
         || {
             Err(RedisError::Str(
                 "ERR internal error in the slots module, see the server log",
             ))
         },
         || {
-            let f = dispatch(name).ok_or(RedisError::Str("ERR unknown command"))?;
-            if reads_index(name) {
-                if let Some(reply) = wait_for_index::block_if_building(ctx) {
+            let args = redis_module::decode_args(ctx, argv, argc);
+            let name = args
+                .first()
+                .map(|a| a.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            let f = dispatch(&name).ok_or(RedisError::Str("ERR unknown command"))?;
+            if reads_index(&name) {
+                if let Some(reply) = wait_for_index::block_if_building(&context, may_wait) {
                     return reply;
                 }
             }
-            f(ctx, &args)
+            f(&context, &args)
         },
-    )
+    );
+    context.reply(result) as c_int
 }
 
 pub fn err(msg: String) -> RedisError {

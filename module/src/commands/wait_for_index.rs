@@ -10,8 +10,8 @@ use std::os::raw::c_int;
 
 use redis_module::{raw, Context, RedisError, RedisResult, RedisValue};
 
-use super::{dispatch, Handler};
-use crate::ffi::{self, guard, Ctx};
+use super::entry;
+use crate::ffi::{self, Ctx};
 use crate::state::with_state;
 
 /// A blocked client waiting for the index.
@@ -23,10 +23,10 @@ unsafe impl Send for Waiter {}
 
 /// `Some(reply)` when the command must not run now (the client was blocked,
 /// or gets an error); `None` when the index is ready.
-pub fn block_if_building(ctx: &Context) -> Option<RedisResult> {
+pub fn block_if_building(ctx: &Context, may_wait: bool) -> Option<RedisResult> {
     let building = with_state(|s| s.build.as_ref().map(|b| b.percent_done()))?;
     let c = Ctx::of(ctx);
-    if ffi::context_flags(c) & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING != 0 {
+    if !may_wait || ffi::context_flags(c) & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING != 0 {
         return Some(Err(loading_error(building)));
     }
     // SAFETY: ctx is the live context of the running command; the reply
@@ -59,30 +59,5 @@ extern "C" fn rerun(
     argv: *mut *mut raw::RedisModuleString,
     argc: c_int,
 ) -> c_int {
-    guard(
-        "index wait",
-        || raw::REDISMODULE_OK as c_int,
-        || {
-            let context = Context::new(ctx);
-            let args = redis_module::decode_args(ctx, argv, argc);
-            let name = args
-                .first()
-                .map(|a| a.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            let result = match (
-                with_state(|s| s.build.as_ref().map(|b| b.percent_done())),
-                dispatch(&name),
-            ) {
-                // Another load started while the client waited.
-                (Some(p), _) => Err(loading_error(p)),
-                (None, Some(f)) => run_handler(&context, &args, f),
-                (None, None) => Err(RedisError::Str("ERR unknown command")),
-            };
-            context.reply(result) as c_int
-        },
-    )
-}
-
-fn run_handler(ctx: &Context, args: &[redis_module::RedisString], f: Handler) -> RedisResult {
-    f(ctx, args)
+    entry(ctx, argv, argc, false)
 }
