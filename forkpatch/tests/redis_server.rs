@@ -589,3 +589,76 @@ fn module_fork_runs_through_the_engine() {
     assert_eq!(check_prefix(&mut c, BASE_KEYS), last);
     check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
 }
+
+#[test]
+fn unprivileged_server_falls_back_to_stock_fork() {
+    let Some(bin) = server_bin() else { return };
+    // Needs root to drop to uid 65534, which cannot get a userfaultfd that sees
+    // kernel-mode faults when vm.unprivileged_userfaultfd=0.
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let unpriv =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if !root || unpriv.trim() != "0" || Command::new("setpriv").arg("--help").output().is_err() {
+        eprintln!("skipped: needs root, setpriv and vm.unprivileged_userfaultfd=0");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let port = free_port();
+    // setpriv execs the server itself, so killing the child kills the server.
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--enable-debug-command", "yes", "--logfile", "server.log"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server { child, port, dir };
+    let t = Instant::now();
+    while s
+        .try_conn()
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_err()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "server did not start: {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.field("persistence", "async_fork_active"), "0");
+    assert!(s
+        .field("persistence", "async_fork_status")
+        .contains("user-mode"));
+    assert_eq!(
+        s.log().matches("async-fork: unavailable").count(),
+        1,
+        "{}",
+        s.log()
+    );
+    populate(&s);
+    let w = Writer::start(&s);
+    w.wait_for(1000);
+    let _: String = redis::cmd("BGSAVE").query(&mut s.conn()).unwrap();
+    s.wait_field("persistence", "rdb_bgsave_in_progress", "0");
+    assert_eq!(s.field("persistence", "rdb_last_bgsave_status"), "ok");
+    let last = w.stop();
+    assert_eq!(check_prefix(&mut s.conn(), BASE_KEYS), last);
+    check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
+}
