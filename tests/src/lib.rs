@@ -1023,6 +1023,22 @@ pub fn tagged_keys(tag: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{{{tag}}}:{i}")).collect()
 }
 
+/// The seed of a random workload: `SLOTFORK_SEED` to replay one, else the
+/// clock. Printed so that a failure can be replayed.
+pub fn seed(name: &str) -> u64 {
+    let s = std::env::var("SLOTFORK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{name}: SLOTFORK_SEED={s}");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,20 +9,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use slotfork_tests::*;
 
-fn seed(name: &str) -> u64 {
-    let s = std::env::var("SLOTFORK_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("{name}: SLOTFORK_SEED={s}");
-    s
-}
-
 fn key_space() -> Vec<Vec<u8>> {
     let mut v: Vec<Vec<u8>> = Vec::new();
     for t in ["a", "b", "c", "user1000", ""] {

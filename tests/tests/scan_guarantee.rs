@@ -7,24 +7,10 @@ use std::collections::{BTreeSet, VecDeque};
 use rand::{Rng, SeedableRng};
 use slotfork_tests::*;
 
-fn seed() -> u64 {
-    let s = std::env::var("SLOTFORK_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("scan_guarantee seed: SLOTFORK_SEED={s}");
-    s
-}
-
 /// `stable` keys stay for the whole scan; `transient` keys exist at the start
 /// and are removed during it; new keys are added and removed all the time.
 fn run_scan(s: &Server, hash: HashFn, stable: usize, transient: usize, grow: usize, count: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed("scan_guarantee"));
     let mut c = s.conn();
     let tag = "sg";
     let slot = hash.slot(tag.as_bytes());
