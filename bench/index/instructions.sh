@@ -16,29 +16,19 @@ module="$root/target/release/libslots.so"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python3 - "$n" > "$work/new.resp" <<'PY'
+# The same N keys as SETs (new.resp), GETs (get.resp) and DELs (del.resp).
+python3 - "$n" "$work" <<'PY'
 import sys
-n = int(sys.argv[1])
-out = sys.stdout.buffer
-for i in range(n):
-    k = b"key:%010d" % i
-    out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$3\r\nval\r\n" % (len(k), k))
-PY
-python3 - "$n" > "$work/get.resp" <<'PY'
-import sys
-n = int(sys.argv[1])
-out = sys.stdout.buffer
-for i in range(n):
-    k = b"key:%010d" % i
-    out.write(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
-PY
-python3 - "$n" > "$work/del.resp" <<'PY'
-import sys
-n = int(sys.argv[1])
-out = sys.stdout.buffer
-for i in range(n):
-    k = b"key:%010d" % i
-    out.write(b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(k), k))
+n, work = int(sys.argv[1]), sys.argv[2]
+keys = [b"key:%010d" % i for i in range(n)]
+def write(name, cmd, extra):
+    with open(f"{work}/{name}.resp", "wb") as out:
+        for k in keys:
+            args = [cmd, k] + extra
+            out.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+write("new", b"SET", [b"val"])
+write("get", b"GET", [])
+write("del", b"DEL", [])
 PY
 
 # Instructions executed inside processCommand for the given command files,

@@ -136,11 +136,6 @@ pub fn writes_paused() -> bool {
     unsafe { raw::RedisModule_AvoidReplicaTraffic.unwrap()() != 0 }
 }
 
-pub fn milliseconds() -> i64 {
-    // SAFETY: no arguments, always callable.
-    unsafe { raw::RedisModule_Milliseconds.unwrap()() }
-}
-
 /// Walks the whole selected database, calling `f` with every key name. The
 /// walk sees the dictionary as it is (expired keys that are still stored are
 /// included) and has no side effects on the keys.
@@ -209,6 +204,42 @@ impl Drop for ScanCursor {
     }
 }
 
+/// The text of a string or error reply.
+///
+/// # Safety
+/// `reply` must be a live call reply.
+unsafe fn reply_text(reply: *mut raw::RedisModuleCallReply) -> Vec<u8> {
+    let mut len = 0;
+    // SAFETY: per the contract; the pointer is valid while the reply lives.
+    unsafe {
+        let p = raw::RedisModule_CallReplyStringPtr.unwrap()(reply, &mut len);
+        if p.is_null() {
+            return Vec::new();
+        }
+        std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec()
+    }
+}
+
+/// The text of `INFO <section>`.
+pub fn server_info(ctx: Ctx, section: &str) -> Vec<u8> {
+    let section = CString::new(section).unwrap_or_default();
+    // SAFETY: ctx is live; the reply is freed before returning.
+    unsafe {
+        let reply = raw::RedisModule_Call.unwrap()(
+            ctx.0,
+            c"INFO".as_ptr(),
+            c"c".as_ptr(),
+            section.as_ptr(),
+        );
+        if reply.is_null() {
+            return Vec::new();
+        }
+        let text = reply_text(reply);
+        raw::RedisModule_FreeCallReply.unwrap()(reply);
+        text
+    }
+}
+
 /// Runs `UNLINK key...` through the server, with propagation to replicas and
 /// AOF ("!" flag), so deletions reach them exactly like a client's UNLINK.
 /// Returns how many keys were removed.
@@ -238,15 +269,12 @@ pub fn unlink(ctx: Ctx, keys: &[Vec<u8>]) -> Result<i64, String> {
         {
             Ok(raw::RedisModule_CallReplyInteger.unwrap()(reply))
         } else {
-            let mut len = 0;
-            let p = raw::RedisModule_CallReplyStringPtr.unwrap()(reply, &mut len);
-            let msg = if p.is_null() {
+            let msg = reply_text(reply);
+            Err(if msg.is_empty() {
                 "unexpected reply".to_string()
             } else {
-                String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len))
-                    .into_owned()
-            };
-            Err(msg)
+                String::from_utf8_lossy(&msg).into_owned()
+            })
         };
         raw::RedisModule_FreeCallReply.unwrap()(reply);
         result
@@ -263,12 +291,5 @@ pub mod reply {
     }
     pub fn bulk(ctx: Ctx, bytes: &[u8]) {
         raw::reply_with_string_buffer(ctx.0, bytes.as_ptr().cast(), bytes.len());
-    }
-    pub fn int(ctx: Ctx, v: i64) {
-        raw::reply_with_long_long(ctx.0, v);
-    }
-    pub fn simple(ctx: Ctx, s: &str) {
-        let s = CString::new(s).unwrap_or_default();
-        raw::reply_with_simple_string(ctx.0, s.as_ptr());
     }
 }

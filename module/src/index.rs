@@ -58,10 +58,6 @@ impl DbIndex {
         }
     }
 
-    pub fn mode(&self) -> IndexMode {
-        self.mode
-    }
-
     pub fn total(&self) -> u64 {
         self.total
     }
