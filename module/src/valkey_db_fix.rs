@@ -19,7 +19,6 @@
 //!
 //! Enabled only on Valkey; Redis runs the callbacks on a temporary client.
 
-use std::ffi::CString;
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -38,7 +37,6 @@ struct PendingCopy {
 
 #[derive(Default)]
 struct Fix {
-    enabled: bool,
     /// Database of the last `move_from` event (MOVE's source).
     last_move_from: Option<(Vec<u8>, usize)>,
     copies: Vec<PendingCopy>,
@@ -47,8 +45,9 @@ struct Fix {
 }
 
 static FIX: Mutex<Option<Fix>> = Mutex::new(None);
-/// Whether the workaround is on: checked before taking the lock, because
-/// every keyspace event on every server passes through `after_event`.
+/// Whether the workaround is on (the one source of truth): checked before
+/// taking the lock, because every keyspace event on every server passes
+/// through `after_event`.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Bounds the pending list: entries of COPYs that failed (no event) are
@@ -56,42 +55,27 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 const MAX_PENDING: usize = 4096;
 
 fn with_fix<R>(f: impl FnOnce(&mut Fix) -> R) -> Option<R> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
     let mut g = FIX.lock().unwrap_or_else(|e| e.into_inner());
-    g.as_mut().filter(|f| f.enabled).map(f)
+    g.as_mut().map(f)
 }
 
 fn is_valkey(ctx: Ctx) -> bool {
-    let cmd = CString::new("INFO").unwrap();
-    let fmt = CString::new("c").unwrap();
-    let section = CString::new("server").unwrap();
-    // SAFETY: OnLoad context; the reply is freed below.
-    unsafe {
-        let reply =
-            raw::RedisModule_Call.unwrap()(ctx.raw(), cmd.as_ptr(), fmt.as_ptr(), section.as_ptr());
-        if reply.is_null() {
-            return false;
-        }
-        let mut len = 0;
-        let p = raw::RedisModule_CallReplyStringPtr.unwrap()(reply, &mut len);
-        let found = !p.is_null()
-            && std::slice::from_raw_parts(p.cast::<u8>(), len)
-                .windows(15)
-                .any(|w| w == b"valkey_version:");
-        raw::RedisModule_FreeCallReply.unwrap()(reply);
-        found
-    }
+    ffi::server_info(ctx, "server")
+        .windows(15)
+        .any(|w| w == b"valkey_version:")
 }
 
 /// Installs the workaround where needed (Valkey).
 pub fn install(ctx: Ctx) -> Result<(), String> {
-    let enabled = is_valkey(ctx);
-    *FIX.lock().unwrap_or_else(|e| e.into_inner()) = Some(Fix {
-        enabled,
-        ..Fix::default()
-    });
-    if !enabled {
+    if !is_valkey(ctx) {
+        ENABLED.store(false, Ordering::Relaxed);
         return Ok(());
     }
+    *FIX.lock().unwrap_or_else(|e| e.into_inner()) = Some(Fix::default());
+    ENABLED.store(true, Ordering::Relaxed);
     // SAFETY: OnLoad context; the filter callback is a plain extern fn.
     let filter = unsafe {
         raw::RedisModule_RegisterCommandFilter.unwrap()(
@@ -221,9 +205,6 @@ unsafe extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 /// Called from the keyspace callback (with the event's context, which on
 /// Valkey 8.1 is the executing client) after the index was updated.
 pub fn after_event(ctx: Ctx, event: &[u8], key: &[u8], db: usize) {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return;
-    }
     let restore = with_fix(|f| match event {
         b"move_from" => {
             f.last_move_from = Some((key.to_vec(), db));
