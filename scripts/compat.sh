@@ -4,7 +4,7 @@
 # Redis 7.0.15), then runs the whole integration suite against each with the
 # same libslots.so. Servers are cached in .build/compat/<name>/server.
 #
-# Not part of scripts/test.sh: the two builds take several minutes on 2 cores.
+# scripts/test.sh runs the valkey part; the builds take a few minutes each.
 # Usage: scripts/compat.sh [valkey|redis8]...   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
