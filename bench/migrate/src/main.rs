@@ -986,6 +986,14 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
             problems.push(format!("{k}: pttl {t1} on target, {t0} on source before"));
         }
     }
+    for (name, cc) in [("source", &mut c), ("target", &mut cd)] {
+        match redis::cmd("SLOTS.CHECK").query::<Value>(cc) {
+            Ok(Value::Okay) => {}
+            Ok(Value::SimpleString(s)) if s == "OK" => {}
+            Ok(v) => problems.push(format!("SLOTS.CHECK on {name}: {}", text(&v))),
+            Err(e) => problems.push(format!("SLOTS.CHECK on {name}: {e}")),
+        }
+    }
     problems.truncate(20);
     let mem_src1 = info_num(&mut c, "memory", "used_memory");
     let mem_dst1 = info_num(&mut cd, "memory", "used_memory");
@@ -1204,6 +1212,19 @@ fn main() {
                 Some(e) => format!("  ERROR: {}", e.chars().take(120).collect::<String>()),
                 None => String::new(),
             },
+        );
+    }
+    for r in &runs {
+        let w: Vec<u64> = r["window_max_per_100ms_us"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Json::as_u64).collect())
+            .unwrap_or_default();
+        println!(
+            "{}: 100-ms intervals of the migration window with a request over 1 ms: {}, over 5 ms: {}, of {}",
+            r["variant"].as_str().unwrap(),
+            w.iter().filter(|&&x| x > 1000).count(),
+            w.iter().filter(|&&x| x > 5000).count(),
+            w.len()
         );
     }
     println!("MB = sum of DUMP payload sizes of the moved keys; max step: the module's max_step_usec (async) or, *, the longest MIGRATE call seen by the harness");
