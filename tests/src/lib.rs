@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 pub use redis;
 use redis::{Connection, RedisError, Value};
+pub mod migrate;
 
 // ---------------------------------------------------------------------------
 // Slot functions (reference implementation)

@@ -1,0 +1,259 @@
+//! Async migration of big keys (MIGRATION.md: CHUNK ... COMMIT through a
+//! staging key): the target never shows a half key under the real name, a
+//! cancelled or abandoned transfer leaves only an expiring staging key.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use slotfork_tests::migrate::*;
+use slotfork_tests::*;
+
+const H: HashFn = HashFn::Crc32;
+
+/// (key, length command, expected length)
+fn big_dataset(c: &mut redis::Connection, tag: &str) -> Vec<(String, &'static str, i64)> {
+    let k = |n: &str| format!("{{{tag}}}:{n}");
+    fill_big(c, &k("hash"), "hash", 200_000);
+    fill_big(c, &k("set"), "set", 60_000);
+    fill_big(c, &k("intset"), "intset", 30_000);
+    fill_big(c, &k("zset"), "zset", 50_000);
+    fill_big(c, &k("list"), "list", 60_000);
+    fill_big(c, &k("stream"), "stream", 20_000);
+    decorate_stream(c, &k("stream"), 20_000);
+    let s: String = (0..2_000_000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    ok(c, &["SET", &k("string"), &s]);
+    ok(c, &["PEXPIREAT", &k("hash"), &(now_ms() + 86_400_000 + 7).to_string()]);
+    vec![
+        (k("hash"), "HLEN", 200_000),
+        (k("set"), "SCARD", 60_000),
+        (k("intset"), "SCARD", 30_000),
+        (k("zset"), "ZCARD", 50_000),
+        (k("list"), "LLEN", 60_000),
+        (k("stream"), "XLEN", 19_999), // decorate_stream deletes one entry
+        (k("string"), "STRLEN", 2_000_000),
+    ]
+}
+
+/// The staging key for `key` on the target, if any.
+fn staging_for(c: &mut redis::Connection, key: &str) -> Option<Vec<u8>> {
+    staging_keys(c)
+        .into_iter()
+        .find(|s| s.ends_with(format!(":{key}").as_bytes()))
+}
+
+#[test]
+fn no_half_key_visible_during_chunked_transfer() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slot = 100;
+    let tag = tag_for_slot(H, slot);
+    let keys = big_dataset(&mut ac, &tag);
+    for (k, cmd, n) in &keys {
+        assert_eq!(as_int(&ok(&mut ac, &[*cmd, k.as_str()])), *n, "{k} setup");
+    }
+    let names: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
+    let before = snap_keys(&mut ac, &names);
+
+    // Poll the target while the job runs: each key is absent or complete.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        let keys = keys.clone();
+        let mut bc = b.conn();
+        thread::spawn(move || {
+            let mut polls = 0u64;
+            let mut staging_seen = 0u64;
+            let mut complete_seen = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let mut p = redis::pipe();
+                for (k, cmd, _) in &keys {
+                    p.cmd("EXISTS").arg(k).cmd(cmd).arg(k);
+                }
+                let v: Vec<i64> = p.query(&mut bc).unwrap();
+                for (i, (k, cmd, n)) in keys.iter().enumerate() {
+                    let (exists, len) = (v[2 * i], v[2 * i + 1]);
+                    assert!(
+                        (exists == 0 && len == 0) || (exists == 1 && len == *n),
+                        "target shows a half key: {k} EXISTS {exists}, {cmd} {len}, expected absent or {n}"
+                    );
+                    if exists == 1 {
+                        complete_seen += 1;
+                    }
+                }
+                if !staging_keys(&mut bc).is_empty() {
+                    staging_seen += 1;
+                }
+                polls += 1;
+            }
+            (polls, staging_seen, complete_seen)
+        })
+    };
+    // Slow enough to poll many times during the transfer.
+    throttle(&mut ac, 0, 8_000_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100", "MAXBYTES", "65536"], &[slot]);
+    let st = finish(&a, id);
+    stop.store(true, Ordering::SeqCst);
+    let (polls, staging_seen, _) = poller.join().expect("poller thread");
+    assert_eq!(st.state(), "done", "{st:?}");
+    eprintln!("polls {polls}, polls with a staging key {staging_seen}; status {st:?}");
+    assert!(
+        st.num("big_keys") >= 7,
+        "every key of the dataset exceeds MAXBULKS/MAXBYTES: {st:?}"
+    );
+    assert!(staging_seen > 0, "the poller never saw a staging key ({polls} polls): were the keys chunked?");
+    let mut bc = b.conn();
+    assert_same_data(&before, &snap_db(&mut bc), "big keys");
+    assert_eq!(dbsize(&mut ac), 0);
+    assert!(staging_keys(&mut bc).is_empty());
+    assert_exact(&mut bc, H);
+}
+
+#[test]
+fn cancelled_big_key_transfer_leaves_no_key_and_a_new_job_finishes() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 101;
+    let tag = tag_for_slot(H, slot);
+    let key = format!("{{{tag}}}:hash");
+    fill_big(&mut ac, &key, "hash", 200_000);
+    let small = tagged_keys(&tag, 5);
+    set_many(&mut ac, &small);
+    let before = snap_db(&mut ac);
+    throttle(&mut ac, 0, 300_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let mut staging = None;
+    wait_until(LONG, "a staging key for the big hash on the target", || {
+        staging = staging_for(&mut bc, &key);
+        staging.is_some()
+    });
+    let staging = staging.unwrap();
+    assert_eq!(
+        as_string(&ok(&mut bc, &[b"TYPE".as_slice(), &staging])),
+        "hash",
+        "staging key of a hash is a hash"
+    );
+    assert_eq!(as_string(&ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()])), "OK");
+    let st = status(&mut ac, id);
+    assert_eq!(st.state(), "cancelled", "{st:?}");
+    assert_eq!(wait_job(&mut ac, id, 1000), "cancelled");
+    // Nothing arrives under the real name, now or a moment later.
+    for _ in 0..10 {
+        assert_eq!(as_int(&ok(&mut bc, &["EXISTS", &key])), 0, "half-sent big key visible after CANCEL");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // The staging key (if still there) expires by itself.
+    if as_int(&ok(&mut bc, &[b"EXISTS".as_slice(), &staging])) == 1 {
+        let pttl = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
+        assert!(
+            pttl > 0 && pttl <= 600_000,
+            "staging key must carry a safety expiry of at most 10 minutes (TIMEOUT default): PTTL {pttl}"
+        );
+    }
+    // The source still has the whole key (its acknowledgement never came).
+    assert_eq!(as_int(&ok(&mut ac, &["HLEN", &key])), 200_000);
+    let src_now = snap_db(&mut ac);
+    let on_target = snap_db(&mut bc);
+    let union = union_consistent(&src_now, &on_target, "after CANCEL");
+    assert_same_data(&before, &union, "source + target after CANCEL");
+    assert!(src_now.contains_key(key.as_bytes()));
+
+    // A new job finishes the move.
+    throttle(&mut ac, 0, 0);
+    let id2 = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    assert_ne!(id2, id, "job ids are unique");
+    finish_done(&a, id2);
+    assert_same_data(&before, &snap_db(&mut bc), "after the second job");
+    assert_eq!(dbsize(&mut ac), 0);
+    assert_exact(&mut ac, H);
+}
+
+#[test]
+fn abandoned_transfer_source_killed_leaves_expiring_staging_key() {
+    let mut a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 102;
+    let tag = tag_for_slot(H, slot);
+    let key = format!("{{{tag}}}:zset");
+    fill_big(&mut ac, &key, "zset", 100_000);
+    throttle(&mut ac, 0, 300_000);
+    // TIMEOUT 120000: the safety expiry is 10x TIMEOUT = 20 minutes.
+    let _id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100", "TIMEOUT", "120000"], &[slot]);
+    let mut staging = None;
+    wait_until(LONG, "a staging key for the big zset on the target", || {
+        staging = staging_for(&mut bc, &key);
+        staging.is_some()
+    });
+    let staging = staging.unwrap();
+    kill9(&a);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(as_int(&ok(&mut bc, &["EXISTS", &key])), 0, "real key visible after the source died");
+    let pttl = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
+    assert!(
+        pttl > 600_000 && pttl <= 1_200_000,
+        "staging key safety expiry with TIMEOUT 120000 must be 10x TIMEOUT (1200 s, longer than 10 min): PTTL {pttl}"
+    );
+    assert_eq!(as_string(&ok(&mut bc, &[b"TYPE".as_slice(), &staging])), "zset");
+    // Bring the source back empty (no persistence): nothing more happens on the target.
+    a.restart(Stop::Kill);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(as_int(&ok(&mut bc, &["EXISTS", &key])), 0);
+    assert_eq!(user_keys(&mut bc), Vec::<Vec<u8>>::new());
+}
+
+#[test]
+fn default_timeout_staging_expiry_is_ten_minutes() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 103;
+    let tag = tag_for_slot(H, slot);
+    let key = format!("{{{tag}}}:list");
+    fill_big(&mut ac, &key, "list", 60_000);
+    throttle(&mut ac, 0, 300_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let mut staging = None;
+    wait_until(LONG, "a staging key for the big list on the target", || {
+        staging = staging_for(&mut bc, &key);
+        staging.is_some()
+    });
+    let staging = staging.unwrap();
+    let pttl = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
+    assert!(
+        pttl > 590_000 && pttl <= 600_000,
+        "default TIMEOUT 10000: safety expiry max(10 min, 10x TIMEOUT) = 600 s, PTTL {pttl}"
+    );
+    // The staging key is refreshed by every chunk: 2 s later, after another
+    // chunk, it is back at about 10 minutes.
+    std::thread::sleep(Duration::from_secs(2));
+    let len0 = as_int(&ok(&mut bc, &[b"LLEN".as_slice(), &staging]));
+    wait_until(Duration::from_secs(30), "more chunks to arrive", || {
+        as_int(&ok(&mut bc, &[b"LLEN".as_slice(), &staging])) > len0
+    });
+    let pttl2 = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
+    assert!(
+        pttl2 > 598_500,
+        "staging expiry not refreshed by a chunk: PTTL {pttl2} 2 s after {pttl}"
+    );
+    // The staging key name contains the job's source-id and the key.
+    let name = String::from_utf8_lossy(&staging).into_owned();
+    assert!(name.starts_with("slotfork:staging:") && name.ends_with(&format!(":{key}")), "{name}");
+    let sid = &name["slotfork:staging:".len()..name.len() - key.len() - 1];
+    assert!(
+        !sid.is_empty()
+            && sid.len() <= 64
+            && sid.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
+        "source-id {sid:?} must match [A-Za-z0-9_.:-]{{1,64}}"
+    );
+    throttle(&mut ac, 0, 0);
+    finish_done(&a, id);
+    assert_eq!(as_int(&ok(&mut bc, &["LLEN", &key])), 60_000);
+    assert!(staging_keys(&mut bc).is_empty());
+}

@@ -1,0 +1,371 @@
+//! Writers hammer keys of the migrating slots during a job, following -ASK
+//! to the target and retrying -TRYAGAIN (MIGRATION.md). A model of every
+//! acknowledged write is checked at the end: every key lives on exactly one
+//! server (the target), nothing is lost, nothing is applied twice.
+//!
+//! The job is throttled (keys/s) so that it is certainly still running
+//! while the writers write: the writers stop once 60% of the keys have
+//! moved, the test asserts the job is still running at that point, then
+//! lifts the throttle and lets the job finish. (After a job ends the source
+//! no longer redirects, so writes racing with the end would go to the
+//! source: a proxy switches routing at that point.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use slotfork_tests::migrate::*;
+use slotfork_tests::*;
+
+const H: HashFn = HashFn::Crc32;
+
+const NCOUNTERS: usize = 8;
+const NLISTS: usize = 4;
+const NHASHES: usize = 4;
+const NSETS: usize = 4;
+
+struct Names {
+    counters: Vec<String>,
+    lists: Vec<String>,
+    hashes: Vec<String>,
+    sets: Vec<String>,
+    bighash: String,
+    biglist: String,
+    tags: Vec<String>,
+}
+
+fn names(slots: &[u32]) -> Names {
+    let tags: Vec<String> = slots.iter().map(|&s| tag_for_slot(H, s)).collect();
+    let t = |i: usize| tags[i % tags.len()].clone();
+    Names {
+        counters: (0..NCOUNTERS).map(|i| format!("{{{}}}:ctr:{i}", t(i))).collect(),
+        lists: (0..NLISTS).map(|i| format!("{{{}}}:lst:{i}", t(i))).collect(),
+        hashes: (0..NHASHES).map(|i| format!("{{{}}}:h:{i}", t(i))).collect(),
+        sets: (0..NSETS).map(|i| format!("{{{}}}:s:{i}", t(i))).collect(),
+        bighash: format!("{{{}}}:bighash", t(0)),
+        biglist: format!("{{{}}}:biglist", t(1)),
+        tags,
+    }
+}
+
+/// Acknowledged writes of one writer.
+#[derive(Default)]
+struct Acked {
+    incrs: Vec<i64>,
+    pushes: Vec<Vec<String>>,
+    hset: Vec<BTreeSet<String>>,
+    sadd: Vec<BTreeSet<String>>,
+    big_hset: BTreeSet<String>,
+    big_push: Vec<String>,
+    strings: BTreeMap<String, String>,
+    asks: u64,
+    tryagains: u64,
+    ops: u64,
+}
+
+fn writer(src: &Server, dst: &Server, n: &Names, w: usize, stop: Arc<AtomicBool>) -> Acked {
+    let mut r = Router::new(src, dst, 0);
+    let mut a = Acked {
+        incrs: vec![0; NCOUNTERS],
+        pushes: vec![Vec::new(); NLISTS],
+        hset: vec![BTreeSet::new(); NHASHES],
+        sadd: vec![BTreeSet::new(); NSETS],
+        ..Default::default()
+    };
+    let mut i: usize = 0;
+    let expect_ok = |what: &str, res: redis::RedisResult<redis::Value>| -> redis::Value {
+        match res {
+            Ok(v) => v,
+            Err(e) => panic!("writer {w}: {what}: {}", err_text(&e)),
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let j = i / 7;
+        let tag = &n.tags[i % n.tags.len()];
+        match i % 7 {
+            0 => {
+                let k = &n.counters[j % NCOUNTERS];
+                let (_, res) = r.exec(&["INCR", k.as_str()]);
+                expect_ok("INCR", res);
+                a.incrs[j % NCOUNTERS] += 1;
+            }
+            1 => {
+                let k = &n.lists[j % NLISTS];
+                let v = format!("w{w}:{i}");
+                let (_, res) = r.exec(&["RPUSH", k.as_str(), v.as_str()]);
+                expect_ok("RPUSH", res);
+                a.pushes[j % NLISTS].push(v);
+            }
+            2 => {
+                let k = &n.hashes[j % NHASHES];
+                let f = format!("w{w}:{i}");
+                let (_, res) = r.exec(&["HSET", k.as_str(), f.as_str(), "val"]);
+                expect_ok("HSET", res);
+                a.hset[j % NHASHES].insert(f);
+            }
+            3 => {
+                let k = &n.sets[j % NSETS];
+                let m = format!("w{w}:{i}");
+                let (_, res) = r.exec(&["SADD", k.as_str(), m.as_str()]);
+                expect_ok("SADD", res);
+                a.sadd[j % NSETS].insert(m);
+            }
+            4 => {
+                // Strings owned by this writer: the last acknowledged value wins.
+                let k = format!("{{{tag}}}:str:w{w}:{}", j % 5);
+                let v = format!("v{i}");
+                let (_, res) = r.exec(&["SET", k.as_str(), v.as_str()]);
+                expect_ok("SET", res);
+                a.strings.insert(k, v);
+            }
+            5 => {
+                let f = format!("w{w}:{i}");
+                let (_, res) = r.exec(&["HSET", n.bighash.as_str(), f.as_str(), "x"]);
+                expect_ok("HSET big", res);
+                a.big_hset.insert(f);
+            }
+            _ => {
+                if j % 2 == 0 {
+                    let v = format!("w{w}:{i}");
+                    let (_, res) = r.exec(&["RPUSH", n.biglist.as_str(), v.as_str()]);
+                    expect_ok("RPUSH big", res);
+                    a.big_push.push(v);
+                } else {
+                    // A key that did not exist before the job.
+                    let k = format!("{{{tag}}}:new:w{w}:{i}");
+                    let (_, res) = r.exec(&["SET", k.as_str(), "fresh"]);
+                    expect_ok("SET new", res);
+                    a.strings.insert(k, "fresh".into());
+                }
+            }
+        }
+        i += 1;
+        a.ops += 1;
+        if i % 4 == 0 {
+            thread::sleep(Duration::from_micros(300));
+        }
+    }
+    a.asks = r.asks;
+    a.tryagains = r.tryagains;
+    a
+}
+
+fn populate(c: &mut redis::Connection, n: &Names, fillers: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for k in &n.counters {
+        ok(c, &["SET", k.as_str(), "0"]);
+    }
+    for k in &n.lists {
+        ok(c, &["RPUSH", k.as_str(), "init"]);
+    }
+    for k in &n.hashes {
+        ok(c, &["HSET", k.as_str(), "init", "1"]);
+    }
+    for k in &n.sets {
+        ok(c, &["SADD", k.as_str(), "init"]);
+    }
+    fill_big(c, &n.bighash, "hash", 3000);
+    fill_big(c, &n.biglist, "list", 3000);
+    for t in &n.tags {
+        let f: Vec<String> = (0..fillers).map(|i| format!("{{{t}}}:filler:{i}")).collect();
+        set_many(c, &f);
+        keys.extend(f);
+    }
+    keys
+}
+
+fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slots = [200u32, 201, 202];
+    let n = names(&slots);
+    let fillers = populate(&mut ac, &n, 60);
+    let total = dbsize(&mut ac) as i64;
+    let initial_big = snap_keys(&mut ac, &[n.bighash.clone(), n.biglist.clone()]);
+    throttle(&mut ac, keys_per_sec, 0);
+    let id = migrate_slots(&mut ac, b.port, opts, &slots);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Vec<Acked> = thread::scope(|sc| {
+        let hs: Vec<_> = (0..nwriters)
+            .map(|w| {
+                let stop = stop.clone();
+                let (a, b, n) = (&a, &b, &n);
+                sc.spawn(move || writer(a, b, n, w, stop))
+            })
+            .collect();
+        let t0 = Instant::now();
+        let mut sc_conn = a.conn();
+        wait_status(&mut sc_conn, id, "60% of the keys moved", |s| {
+            s.state() != "running" || s.num("keys_moved") * 10 >= total * 6
+        });
+        stop.store(true, Ordering::SeqCst);
+        let acked: Vec<Acked> = hs.into_iter().map(|h| h.join().expect("writer panicked")).collect();
+        let s = status(&mut sc_conn, id);
+        assert_eq!(
+            s.state(),
+            "running",
+            "the throttled job ended while writers were writing (test premise): {s:?}"
+        );
+        eprintln!("writers ran {:?}; status {s:?}", t0.elapsed());
+        acked
+    });
+    throttle(&mut ac, 0, 0);
+    let s = finish_done(&a, id);
+    let (ops, asks, tries): (u64, u64, u64) = acked
+        .iter()
+        .fold((0, 0, 0), |x, y| (x.0 + y.ops, x.1 + y.asks, x.2 + y.tryagains));
+    eprintln!("{ops} acknowledged writes, {asks} -ASK, {tries} -TRYAGAIN; final {s:?}");
+    assert!(asks > 0, "no write was redirected: did any hammered key move while written?");
+
+    // Every key is on the target only.
+    let mut bc = b.conn();
+    let left = user_keys(&mut ac);
+    assert!(
+        left.is_empty(),
+        "keys left on the source after a done job: {:?}",
+        left.iter().take(10).map(|k| show(k)).collect::<Vec<_>>()
+    );
+    // The model.
+    for (ci, k) in n.counters.iter().enumerate() {
+        let want: i64 = acked.iter().map(|a| a.incrs[ci]).sum();
+        let got = as_int(&ok(&mut bc, &["GET", k.as_str()]));
+        assert_eq!(got, want, "{k}: counter vs acknowledged INCRs");
+    }
+    for (li, k) in n.lists.iter().enumerate() {
+        let got: Vec<String> = as_array(&ok(&mut bc, &["LRANGE", k.as_str(), "0", "-1"]))
+            .iter()
+            .map(as_string)
+            .collect();
+        let want_len = 1 + acked.iter().map(|a| a.pushes[li].len()).sum::<usize>();
+        assert_eq!(got.len(), want_len, "{k}: list length vs acknowledged pushes");
+        assert_eq!(got[0], "init");
+        for (w, a) in acked.iter().enumerate() {
+            let mine: Vec<&String> = got.iter().filter(|v| v.starts_with(&format!("w{w}:"))).collect();
+            let want: Vec<&String> = a.pushes[li].iter().collect();
+            assert_eq!(mine, want, "{k}: writer {w}'s pushes, in order, once each");
+        }
+    }
+    for (hi, k) in n.hashes.iter().enumerate() {
+        let got: BTreeSet<String> = as_array(&ok(&mut bc, &["HKEYS", k.as_str()]))
+            .iter()
+            .map(as_string)
+            .collect();
+        let mut want: BTreeSet<String> = acked.iter().flat_map(|a| a.hset[hi].iter().cloned()).collect();
+        want.insert("init".into());
+        assert_eq!(got, want, "{k}: hash fields");
+    }
+    for (si, k) in n.sets.iter().enumerate() {
+        let got: BTreeSet<String> = as_array(&ok(&mut bc, &["SMEMBERS", k.as_str()]))
+            .iter()
+            .map(as_string)
+            .collect();
+        let mut want: BTreeSet<String> = acked.iter().flat_map(|a| a.sadd[si].iter().cloned()).collect();
+        want.insert("init".into());
+        assert_eq!(got, want, "{k}: set members");
+    }
+    // Big hash: the initial fields plus every acknowledged HSET.
+    let got = snap_key(&mut bc, n.bighash.as_bytes()).expect("big hash on target");
+    let Content::Hash(got) = got.content else { panic!("big hash type") };
+    let Content::Hash(init) = &initial_big[n.bighash.as_bytes()].content else { panic!() };
+    let mut want = init.clone();
+    for a in &acked {
+        for f in &a.big_hset {
+            want.insert(f.clone().into_bytes(), b"x".to_vec());
+        }
+    }
+    assert_eq!(got.len(), want.len(), "big hash size");
+    assert!(got == want, "big hash content differs");
+    // Big list: the initial elements, then each writer's pushes in order.
+    let got = snap_key(&mut bc, n.biglist.as_bytes()).expect("big list on target");
+    let Content::List(got) = got.content else { panic!("big list type") };
+    let Content::List(init) = &initial_big[n.biglist.as_bytes()].content else { panic!() };
+    assert_eq!(&got[..init.len()], &init[..], "big list prefix");
+    let pushed: usize = acked.iter().map(|a| a.big_push.len()).sum();
+    assert_eq!(got.len(), init.len() + pushed, "big list length vs acknowledged pushes");
+    for (w, a) in acked.iter().enumerate() {
+        let mine: Vec<Vec<u8>> = got[init.len()..]
+            .iter()
+            .filter(|v| v.starts_with(format!("w{w}:").as_bytes()))
+            .cloned()
+            .collect();
+        let want: Vec<Vec<u8>> = a.big_push.iter().map(|s| s.clone().into_bytes()).collect();
+        assert!(mine == want, "big list: writer {w}'s pushes in order, once each");
+    }
+    // Strings: last acknowledged value of each writer-owned key.
+    for a in &acked {
+        for (k, v) in &a.strings {
+            assert_eq!(as_string(&ok(&mut bc, &["GET", k.as_str()])), *v, "{k}");
+        }
+    }
+    for k in &fillers {
+        assert_eq!(as_string(&ok(&mut bc, &["GET", k.as_str()])), "v", "{k}");
+    }
+    // Nothing else on the target.
+    let strings: usize = acked.iter().map(|a| a.strings.len()).sum();
+    let want_keys = fillers.len() + NCOUNTERS + NLISTS + NHASHES + NSETS + 2 + strings;
+    assert_eq!(dbsize(&mut bc) as usize, want_keys, "target key count");
+    assert!(staging_keys(&mut bc).is_empty());
+    assert_exact(&mut ac, H);
+    assert_exact(&mut bc, H);
+}
+
+#[test]
+fn writers_during_a_job() {
+    run_with_writers(&["MAXBULKS", "100"], 3, 40);
+}
+
+#[test]
+fn writers_during_a_parallel_job() {
+    run_with_writers(&["MAXBULKS", "100", "PARALLEL", "3"], 3, 40);
+}
+
+#[test]
+fn writers_then_cancel_then_resume() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slots = [210u32, 211];
+    let n = names(&slots);
+    populate(&mut ac, &n, 40);
+    throttle(&mut ac, 30, 0);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &slots);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Vec<Acked> = thread::scope(|sc| {
+        let hs: Vec<_> = (0..2)
+            .map(|w| {
+                let stop = stop.clone();
+                let (a, b, n) = (&a, &b, &n);
+                sc.spawn(move || writer(a, b, n, w, stop))
+            })
+            .collect();
+        let mut c = a.conn();
+        wait_status(&mut c, id, "20 keys moved", |s| s.num("keys_moved") >= 20);
+        stop.store(true, Ordering::SeqCst);
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(status(&mut ac, id).state(), "running");
+    ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()]);
+    throttle(&mut ac, 0, 0);
+    // Counters: wherever they are now (source or target, equal if both),
+    // they hold the acknowledged INCRs.
+    let mut bc = b.conn();
+    let src = snap_db(&mut ac);
+    let dst = snap_db(&mut bc);
+    let union = union_consistent(&src, &dst, "after CANCEL");
+    for (ci, k) in n.counters.iter().enumerate() {
+        let want: i64 = acked.iter().map(|a| a.incrs[ci]).sum();
+        let Content::String(v) = &union[k.as_bytes()].content else { panic!() };
+        assert_eq!(String::from_utf8_lossy(v), want.to_string(), "{k} after CANCEL");
+    }
+    let s = migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &slots);
+    assert_eq!(s.num("errors"), 0, "{s:?}");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+    assert_same_data(&union, &snap_db(&mut bc), "after the second job");
+    for (ci, k) in n.counters.iter().enumerate() {
+        let want: i64 = acked.iter().map(|a| a.incrs[ci]).sum();
+        assert_eq!(as_int(&ok(&mut bc, &["GET", k.as_str()])), want, "{k}");
+    }
+}
