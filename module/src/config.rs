@@ -17,7 +17,6 @@ use crate::slot::HashFunction;
 
 const HASH_FUNCTIONS: [&str; 2] = ["crc32", "crc16"];
 const INDEX_MODES: [&str; 2] = ["full", "counts-only"];
-const STEP_BUDGET_RANGE: (i64, i64) = (50, 100_000);
 
 /// `slots.hash-function`: index into HASH_FUNCTIONS (immutable: changing it
 /// would re-slot every key).
@@ -25,8 +24,54 @@ static HASH_FUNCTION: AtomicI32 = AtomicI32::new(0);
 /// `slots.index-mode`: index into INDEX_MODES (immutable).
 static INDEX_MODE: AtomicI32 = AtomicI32::new(0);
 /// `slots.step-budget-us`: the longest one incremental step of ours (SLOTS.DEL,
-/// rehashing, rebuilds, counts-only key walks) may hold the event loop.
+/// rehashing, rebuilds, counts-only key walks, migration) may hold the event
+/// loop.
 static STEP_BUDGET_US: AtomicI64 = AtomicI64::new(500);
+/// `slots.migrate-max-keys-per-sec`, `slots.migrate-max-bytes-per-sec`: the
+/// migration throttle, all jobs together (0 = unlimited).
+static MIGRATE_KEYS_PER_SEC: AtomicI64 = AtomicI64::new(0);
+static MIGRATE_BYTES_PER_SEC: AtomicI64 = AtomicI64::new(0);
+
+/// A numeric config (all settable at runtime): name, value, default, range.
+struct Numeric {
+    name: &'static str,
+    value: &'static AtomicI64,
+    default: i64,
+    min: i64,
+    max: i64,
+}
+
+const NUMERIC: [Numeric; 3] = [
+    Numeric {
+        name: "step-budget-us",
+        value: &STEP_BUDGET_US,
+        default: 500,
+        min: 50,
+        max: 100_000,
+    },
+    Numeric {
+        name: "migrate-max-keys-per-sec",
+        value: &MIGRATE_KEYS_PER_SEC,
+        default: 0,
+        min: 0,
+        max: 1_000_000_000,
+    },
+    Numeric {
+        name: "migrate-max-bytes-per-sec",
+        value: &MIGRATE_BYTES_PER_SEC,
+        default: 0,
+        min: 0,
+        max: 1 << 40,
+    },
+];
+
+/// The migration throttle: (keys/s, bytes/s), 0 = unlimited.
+pub fn migrate_rate_limits() -> (u64, u64) {
+    (
+        MIGRATE_KEYS_PER_SEC.load(Ordering::Relaxed).max(0) as u64,
+        MIGRATE_BYTES_PER_SEC.load(Ordering::Relaxed).max(0) as u64,
+    )
+}
 
 pub fn hash_function() -> HashFunction {
     match HASH_FUNCTION.load(Ordering::Relaxed) {
@@ -76,18 +121,19 @@ unsafe extern "C" fn set_enum(
     raw::REDISMODULE_OK as c_int
 }
 
-unsafe extern "C" fn get_budget(_name: *const c_char, _p: *mut c_void) -> c_longlong {
-    STEP_BUDGET_US.load(Ordering::Relaxed)
+unsafe extern "C" fn get_numeric(_name: *const c_char, p: *mut c_void) -> c_longlong {
+    // SAFETY: p is the &'static AtomicI64 registered with this config.
+    unsafe { &*(p as *const AtomicI64) }.load(Ordering::Relaxed)
 }
 
-unsafe extern "C" fn set_budget(
+unsafe extern "C" fn set_numeric(
     _n: *const c_char,
     val: c_longlong,
-    _p: *mut c_void,
+    p: *mut c_void,
     _e: *mut *mut raw::RedisModuleString,
 ) -> c_int {
-    // The server checked the range.
-    STEP_BUDGET_US.store(val, Ordering::Relaxed);
+    // The server checked the range. SAFETY: as in get_numeric.
+    unsafe { &*(p as *const AtomicI64) }.store(val, Ordering::Relaxed);
     raw::REDISMODULE_OK as c_int
 }
 
@@ -108,9 +154,6 @@ fn position(options: &[&str], value: Option<&[u8]>) -> i32 {
 /// Registers the configs, with the module arguments as their values, then
 /// lets the server apply `slots.*` lines of its config file.
 pub fn register(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
-    let budget = arg(args, "step-budget-us")
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
-        .unwrap_or(500);
     let rc_ok = raw::REDISMODULE_OK as c_int;
     for (name, options) in [
         ("hash-function", HASH_FUNCTIONS),
@@ -142,24 +185,29 @@ pub fn register(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
             return Err(format!("cannot register config {name}"));
         }
     }
-    let cname = CString::new("step-budget-us").unwrap();
-    // SAFETY: as above.
-    let rc = unsafe {
-        raw::RedisModule_RegisterNumericConfig.unwrap()(
-            ctx.raw(),
-            cname.as_ptr(),
-            budget,
-            raw::REDISMODULE_CONFIG_DEFAULT,
-            STEP_BUDGET_RANGE.0,
-            STEP_BUDGET_RANGE.1,
-            Some(get_budget),
-            Some(set_budget),
-            None,
-            std::ptr::null_mut(),
-        )
-    };
-    if rc != rc_ok {
-        return Err("cannot register config step-budget-us".into());
+    for n in &NUMERIC {
+        let value = arg(args, n.name)
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+            .unwrap_or(n.default);
+        let cname = CString::new(n.name).unwrap();
+        // SAFETY: as above; the private data is a &'static AtomicI64.
+        let rc = unsafe {
+            raw::RedisModule_RegisterNumericConfig.unwrap()(
+                ctx.raw(),
+                cname.as_ptr(),
+                value,
+                raw::REDISMODULE_CONFIG_DEFAULT,
+                n.min,
+                n.max,
+                Some(get_numeric),
+                Some(set_numeric),
+                None,
+                n.value as *const AtomicI64 as *mut c_void,
+            )
+        };
+        if rc != rc_ok {
+            return Err(format!("cannot register config {}", n.name));
+        }
     }
     // SAFETY: as above.
     if unsafe { raw::RedisModule_LoadConfigs.unwrap()(ctx.raw()) } != rc_ok {
@@ -184,14 +232,18 @@ pub fn validate_module_args(args: &[&[u8]]) -> Result<(), String> {
         match name {
             b"hash-function" if ["crc32", "crc16"].contains(&value.as_ref()) => {}
             b"index-mode" if ["full", "counts-only"].contains(&value.as_ref()) => {}
-            b"step-budget-us" => match value.parse::<i64>() {
-                Ok(v) if (STEP_BUDGET_RANGE.0..=STEP_BUDGET_RANGE.1).contains(&v) => {}
-                _ => {
-                    return Err(format!(
-                        "step-budget-us must be an integer in 50..100000, got '{value}'"
-                    ))
+            _ if NUMERIC.iter().any(|n| n.name.as_bytes() == name) => {
+                let n = NUMERIC.iter().find(|n| n.name.as_bytes() == name).unwrap();
+                match value.parse::<i64>() {
+                    Ok(v) if (n.min..=n.max).contains(&v) => {}
+                    _ => {
+                        return Err(format!(
+                            "{} must be an integer in {}..{}, got '{value}'",
+                            n.name, n.min, n.max
+                        ))
+                    }
                 }
-            },
+            }
             b"hash-function" => {
                 return Err(format!(
                     "hash-function must be crc32 or crc16, got '{value}'"
@@ -204,7 +256,7 @@ pub fn validate_module_args(args: &[&[u8]]) -> Result<(), String> {
             }
             _ => {
                 return Err(format!(
-                "unknown module argument '{}' (known: hash-function, index-mode, step-budget-us)",
+                "unknown module argument '{}' (known: hash-function, index-mode, step-budget-us, migrate-max-keys-per-sec, migrate-max-bytes-per-sec)",
                 String::from_utf8_lossy(name)
             ))
             }

@@ -17,7 +17,7 @@ use redis_module::raw;
 
 use crate::ffi::{self, guard, Ctx};
 use crate::state::{with_state, State};
-use crate::{config, del_job, events, keys_job, rebuild};
+use crate::{config, del_job, events, keys_job, migrate_job, rebuild};
 
 /// Period while there is work: a step per millisecond at most, so that
 /// background deletion takes at most half of an idle event loop.
@@ -56,7 +56,7 @@ fn has_work(s: &State) -> bool {
 
 /// Whether anything is queued; MODULE UNLOAD waits for this to be false.
 pub fn busy() -> bool {
-    ARMED.load(Ordering::Relaxed) || with_state(|s| has_work(s))
+    ARMED.load(Ordering::Relaxed) || with_state(|s| has_work(s)) || migrate_job::busy()
 }
 
 unsafe extern "C" fn before_sleep(
@@ -75,7 +75,9 @@ unsafe extern "C" fn before_sleep(
             // SAFETY: the event's context is live during this callback.
             let ctx = unsafe { Ctx::from_raw(ctx) };
             events::check_touched(ctx);
-            if !ARMED.load(Ordering::Relaxed) && with_state(|s| !s.loading && has_work(s)) {
+            if !ARMED.load(Ordering::Relaxed)
+                && with_state(|s| !s.loading && has_work(s)) | migrate_job::busy()
+            {
                 arm(ctx, period());
             }
         },
@@ -125,6 +127,12 @@ fn work(ctx: Ctx) -> bool {
     }
     if !with_state(|s| s.keys_jobs.is_empty()) {
         busy |= keys_job::run(ctx, deadline);
+    }
+    // Jobs read the index to find keys: they wait for a rebuild too.
+    if with_state(|s| s.build.is_none()) {
+        busy |= migrate_job::run(ctx, deadline);
+    } else {
+        busy |= migrate_job::busy();
     }
     busy |= with_state(|s| s.dbs_mut().any(|d| d.rehash_until(deadline)));
     busy || with_state(|s| !s.resync.is_empty() || s.build.is_some() || !s.del.is_empty())

@@ -239,6 +239,8 @@ unsafe extern "C" fn on_loading(
                     s.take_all()
                 });
                 free_in_background(old);
+                // The keys a job tracks are being replaced wholesale.
+                crate::migrate_job::stop_all("a dataset is being loaded on this server");
             }
             _ => {
                 with_state(|s| s.loading = false);

@@ -87,6 +87,12 @@ impl OwnedString {
     pub fn ptr(&self) -> *mut raw::RedisModuleString {
         self.0
     }
+    /// Gives the string away (to an API that takes ownership of it).
+    pub fn into_raw(self) -> *mut raw::RedisModuleString {
+        let p = self.0;
+        std::mem::forget(self);
+        p
+    }
 }
 
 impl Drop for OwnedString {
@@ -197,6 +203,50 @@ impl ScanCursor {
     }
 }
 
+/// Called with each element of a scanned key: (field or member, value).
+pub type ElementFn<'a> = dyn FnMut(&[u8], Option<&[u8]>) + 'a;
+
+impl ScanCursor {
+    /// One step of a scan over the elements of a hash, set or sorted set
+    /// (RM_ScanKey): `f(field, value)`, value None for sets, the score for
+    /// sorted sets. Returns false when the scan is over (small encodings
+    /// are returned whole in one step).
+    pub fn scan_key(&mut self, key: &Key, f: &mut ElementFn) -> bool {
+        extern "C" fn cb(
+            _key: *mut raw::RedisModuleKey,
+            field: *mut raw::RedisModuleString,
+            value: *mut raw::RedisModuleString,
+            privdata: *mut c_void,
+        ) {
+            // SAFETY: privdata is the `&mut &mut dyn FnMut` passed below,
+            // alive for the duration of RedisModule_ScanKey.
+            let f = unsafe { &mut *(privdata as *mut &mut ElementFn) };
+            guard(
+                "key scan",
+                || (),
+                // SAFETY: the server passes live strings (value may be NULL).
+                || unsafe {
+                    let v = (!value.is_null()).then(|| string_bytes(value));
+                    f(string_bytes(field), v)
+                },
+            );
+        }
+        if key.raw().is_null() {
+            return false;
+        }
+        let mut f = f;
+        // SAFETY: the key is open; the callback only runs during this call.
+        unsafe {
+            raw::RedisModule_ScanKey.unwrap()(
+                key.raw(),
+                self.0,
+                Some(cb),
+                (&mut f as *mut &mut ElementFn).cast(),
+            ) != 0
+        }
+    }
+}
+
 impl Drop for ScanCursor {
     fn drop(&mut self) {
         // SAFETY: created in new(), destroyed once.
@@ -292,4 +342,136 @@ pub mod reply {
     pub fn bulk(ctx: Ctx, bytes: &[u8]) {
         raw::reply_with_string_buffer(ctx.0, bytes.as_ptr().cast(), bytes.len());
     }
+}
+
+/// The type of a stored value.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KeyType {
+    Empty,
+    String,
+    List,
+    Hash,
+    Set,
+    Zset,
+    Module,
+    Stream,
+    Other,
+}
+
+/// An open key of the selected database, closed on drop. Opened without
+/// touching its LRU/LFU (REDISMODULE_OPEN_KEY_NOTOUCH), so the migration's
+/// reads do not make every key look hot.
+pub struct Key {
+    key: *mut raw::RedisModuleKey,
+    _name: OwnedString,
+}
+
+impl Key {
+    /// Opens `name` for reading (`write` = false) or writing. A lookup on a
+    /// primary deletes the key if it is expired, as any read would.
+    pub fn open(ctx: Ctx, name: &[u8], write: bool) -> Key {
+        let name = OwnedString::new(name);
+        let mut mode = raw::REDISMODULE_READ | raw::REDISMODULE_OPEN_KEY_NOTOUCH;
+        if write {
+            mode |= raw::REDISMODULE_WRITE;
+        }
+        // SAFETY: ctx is live; the name outlives the key (both in Self, and
+        // the key is closed first in Drop).
+        let key = unsafe {
+            raw::RedisModule_OpenKey.unwrap()(ctx.raw(), name.ptr(), mode as c_int).cast()
+        };
+        Key { key, _name: name }
+    }
+
+    pub fn key_type(&self) -> KeyType {
+        if self.key.is_null() {
+            return KeyType::Empty;
+        }
+        // SAFETY: a live open key.
+        let t = unsafe { raw::RedisModule_KeyType.unwrap()(self.key) } as isize;
+        match t {
+            raw::REDISMODULE_KEYTYPE_EMPTY => KeyType::Empty,
+            raw::REDISMODULE_KEYTYPE_STRING => KeyType::String,
+            raw::REDISMODULE_KEYTYPE_LIST => KeyType::List,
+            raw::REDISMODULE_KEYTYPE_HASH => KeyType::Hash,
+            raw::REDISMODULE_KEYTYPE_SET => KeyType::Set,
+            raw::REDISMODULE_KEYTYPE_ZSET => KeyType::Zset,
+            raw::REDISMODULE_KEYTYPE_MODULE => KeyType::Module,
+            raw::REDISMODULE_KEYTYPE_STREAM => KeyType::Stream,
+            _ => KeyType::Other,
+        }
+    }
+
+    /// Elements (bytes for strings, entries for streams); O(1).
+    pub fn len(&self) -> u64 {
+        if self.key.is_null() {
+            return 0;
+        }
+        // SAFETY: a live open key.
+        unsafe { raw::RedisModule_ValueLength.unwrap()(self.key) as u64 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Absolute expiry in unix ms, 0 for none.
+    pub fn abs_expire(&self) -> i64 {
+        if self.key.is_null() {
+            return 0;
+        }
+        // SAFETY: a live open key.
+        let t = unsafe { raw::RedisModule_GetAbsExpire.unwrap()(self.key) };
+        t.max(0)
+    }
+
+    /// LFU counter, when the server's policy is LFU.
+    pub fn lfu(&self) -> Option<i64> {
+        let mut v: std::os::raw::c_longlong = -1;
+        // SAFETY: a live open key; the out-pointer is a local.
+        let rc = unsafe { raw::RedisModule_GetLFU.unwrap()(self.key, &mut v) };
+        (rc == raw::REDISMODULE_OK as c_int && v >= 0).then_some(v)
+    }
+
+    /// Idle time in ms, when the server's policy is not LFU.
+    pub fn lru_idle_ms(&self) -> Option<i64> {
+        let mut v: raw::mstime_t = -1;
+        // SAFETY: as above.
+        let rc = unsafe { raw::RedisModule_GetLRU.unwrap()(self.key, &mut v) };
+        (rc == raw::REDISMODULE_OK as c_int && v >= 0).then_some(v)
+    }
+
+    pub fn set_lfu(&self, freq: i64) {
+        // SAFETY: a live open key.
+        unsafe { raw::RedisModule_SetLFU.unwrap()(self.key, freq) };
+    }
+
+    pub fn set_lru_idle_ms(&self, ms: i64) {
+        // SAFETY: a live open key.
+        unsafe { raw::RedisModule_SetLRU.unwrap()(self.key, ms) };
+    }
+
+    pub fn raw(&self) -> *mut raw::RedisModuleKey {
+        self.key
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        if !self.key.is_null() {
+            // SAFETY: opened in open(), closed once.
+            unsafe { raw::RedisModule_CloseKey.unwrap()(self.key) };
+        }
+    }
+}
+
+/// CPU time of the calling thread, in microseconds.
+pub fn thread_cpu_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a local out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }

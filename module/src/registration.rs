@@ -13,13 +13,13 @@ use redis_module::raw;
 
 use crate::commands::entry;
 use crate::ffi::{self, Ctx};
-use crate::{config, cron, events, info, rebuild, state, valkey_db_fix};
+use crate::{config, cron, events, info, rebuild, redirect, state, tracking, valkey_db_fix};
 
 #[global_allocator]
 static ALLOCATOR: crate::alloc::ServerAlloc = crate::alloc::ServerAlloc;
 
 /// Commands, their flags (all keyless: they name slots, not keys).
-const COMMANDS: [(&str, &str); 7] = [
+const COMMANDS: [(&str, &str); 14] = [
     ("slots.hashkey", "readonly fast"),
     ("slots.info", "readonly"),
     ("slots.count", "readonly fast"),
@@ -27,6 +27,16 @@ const COMMANDS: [(&str, &str); 7] = [
     ("slots.scan", "readonly"),
     ("slots.del", "write"),
     ("slots.check", "readonly"),
+    ("slots.migrate", "write"),
+    ("slots.migrate.keys", "write"),
+    ("slots.migrate.status", "readonly fast"),
+    ("slots.migrate.wait", "readonly"),
+    ("slots.migrate.cancel", "write"),
+    // A target over maxmemory refuses a batch before touching anything.
+    ("slots.restore", "write deny-oom"),
+    // The reply the redirect filter substitutes; must run wherever the
+    // command it replaces could (MULTI, scripts, loading, stale replica).
+    ("slots.redirect", "readonly fast allow-loading allow-stale"),
 ];
 
 /// Leaks 4 KiB on purpose (feature `leak-selftest` only; see Cargo.toml).
@@ -134,6 +144,7 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
     state::init(state::State::new(hash, mode));
     events::subscribe(ctx)?;
     valkey_db_fix::install(ctx)?;
+    redirect::install(ctx)?;
     info::register(ctx);
     // The module may be loaded into a server that already holds data
     // (MODULE LOAD at runtime).
@@ -162,12 +173,14 @@ pub unsafe extern "C" fn RedisModule_OnUnload(_ctx: *mut raw::RedisModuleCtx) ->
         || {
             if cron::busy() {
                 redis_module::logging::log_warning(
-                "slots: unload refused: background work (SLOTS.DEL, index rebuild) is in progress; retry when INFO slots shows none",
+                "slots: unload refused: background work (SLOTS.DEL, index rebuild, migration) is in progress; retry when INFO slots shows none",
             );
                 return raw::REDISMODULE_ERR as c_int;
             }
             state::shutdown();
             valkey_db_fix::uninstall();
+            redirect::uninstall();
+            tracking::reset();
             raw::REDISMODULE_OK as c_int
         },
     )

@@ -10,6 +10,8 @@ use crate::ffi::guard;
 pub mod check;
 pub mod del;
 pub mod lookup;
+pub mod migrate;
+pub mod restore;
 pub mod wait_for_index;
 
 pub type Handler = fn(&Context, &[RedisString]) -> RedisResult;
@@ -24,6 +26,13 @@ pub fn dispatch(name: &str) -> Option<Handler> {
         "slots.scan" => lookup::scan,
         "slots.del" => del::del,
         "slots.check" => check::check,
+        "slots.migrate" => migrate::migrate,
+        "slots.migrate.keys" => migrate::migrate_keys,
+        "slots.migrate.status" => migrate::status,
+        "slots.migrate.wait" => migrate::wait,
+        "slots.migrate.cancel" => migrate::cancel,
+        "slots.restore" => restore::restore,
+        "slots.redirect" => crate::redirect::redirect_command,
         _ => return None,
     })
 }
@@ -31,7 +40,17 @@ pub fn dispatch(name: &str) -> Option<Handler> {
 /// Whether the command reads the index, and so must wait while the index is
 /// rebuilt.
 fn reads_index(name: &str) -> bool {
-    name != "slots.hashkey"
+    matches!(
+        name,
+        "slots.info"
+            | "slots.count"
+            | "slots.keys"
+            | "slots.scan"
+            | "slots.del"
+            | "slots.check"
+            | "slots.migrate"
+            | "slots.migrate.keys"
+    )
 }
 
 /// The server-facing entry of every SLOTS.* command (and of its re-run after
