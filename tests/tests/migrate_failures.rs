@@ -1,0 +1,392 @@
+//! Failures during async migration (MIGRATION.md): target down, killed,
+//! slow, out of memory, authentication, source killed. In every case no key
+//! is lost: each key of the dataset is on the source or on the target (equal
+//! content where on both), and a new job finishes the move.
+
+use std::thread;
+use std::time::Duration;
+
+use slotfork_tests::migrate::*;
+use slotfork_tests::*;
+
+const H: HashFn = HashFn::Crc32;
+
+/// 2 slots x `n` small keys, a hash and a big (chunked with MAXBULKS 100) set.
+fn dataset(c: &mut redis::Connection, slots: &[u32], n: usize) -> DbSnap {
+    for &s in slots {
+        let t = tag_for_slot(H, s);
+        set_many(c, &tagged_keys(&t, n));
+        ok(c, &["HSET", &format!("{{{t}}}:h"), "a", "1", "b", "2"]);
+        fill_big(c, &format!("{{{t}}}:bigset"), "set", 5000);
+    }
+    snap_db(c)
+}
+
+fn assert_nothing_lost(before: &DbSnap, src: &Server, dst: &Server, ctx: &str) -> DbSnap {
+    let s = snap_db(&mut src.conn());
+    let d = snap_db(&mut dst.conn());
+    let u = union_consistent(&s, &d, ctx);
+    assert_same_data(before, &u, ctx);
+    s
+}
+
+fn error_mentions(s: &Status, words: &[&str]) {
+    let e = s.get("last_error").to_lowercase();
+    assert!(
+        words.iter().any(|w| e.contains(&w.to_lowercase())),
+        "last_error should explain the failure (one of {words:?}): {s:?}"
+    );
+    assert!(s.num("errors") >= 1, "errors counter: {s:?}");
+}
+
+#[test]
+fn target_down_before_start() {
+    let a = Server::start();
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[300, 301], 20);
+    let d0 = digest(&mut ac);
+    let port = unused_port();
+    let id = migrate_slots(&mut ac, port, &["TIMEOUT", "2000"], &[300, 301]);
+    let s = finish(&a, id);
+    assert_eq!(s.state(), "failed", "{s:?}");
+    error_mentions(&s, &["connect", "refused", &port.to_string()]);
+    assert_eq!(s.num("keys_moved"), 0);
+    assert_eq!(
+        digest(&mut ac),
+        d0,
+        "source dataset changed by a failed job"
+    );
+    assert_same_data(&before, &snap_db(&mut ac), "source after a failed job");
+    // Clients of the slots are served normally once the job has failed.
+    let t = tag_for_slot(H, 300);
+    assert_eq!(
+        as_string(&ok(&mut ac, &["GET", &format!("{{{t}}}:0")])),
+        "v"
+    );
+    ok(&mut ac, &["SET", &format!("{{{t}}}:0"), "w"]);
+}
+
+#[test]
+fn target_killed_mid_job_then_rerun() {
+    let a = Server::start();
+    let mut b = Server::builder()
+        .appendonly(true)
+        .config("appendfsync always")
+        .start();
+    let mut ac = a.conn();
+    let slots = [310u32, 311];
+    let before = dataset(&mut ac, &slots, 60);
+    throttle(&mut ac, 20, 0);
+    let id = migrate_slots(
+        &mut ac,
+        b.port,
+        &["TIMEOUT", "2000", "MAXBULKS", "100"],
+        &slots,
+    );
+    wait_status(&mut ac, id, "20 keys moved", |s| s.num("keys_moved") >= 20);
+    kill9(&b);
+    let s = finish(&a, id);
+    assert_eq!(s.state(), "failed", "{s:?}");
+    assert!(
+        !s.get("last_error").is_empty() && s.get("last_error") != "-",
+        "{s:?}"
+    );
+    // Start the target again: it reloads its AOF.
+    b.restart(Stop::Kill);
+    let src_left = assert_nothing_lost(&before, &a, &b, "after the target was killed");
+    assert!(
+        src_left.len() < before.len(),
+        "some keys had moved before the kill"
+    );
+    throttle(&mut ac, 0, 0);
+    let s = migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &slots);
+    assert_eq!(s.num("errors"), 0, "{s:?}");
+    let mut bc = b.conn();
+    assert_same_data(&before, &snap_db(&mut bc), "target after the re-run");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+    assert_exact(&mut ac, H);
+    assert_exact(&mut bc, H);
+}
+
+#[test]
+fn target_slower_than_timeout() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slots = [312u32];
+    let before = dataset(&mut ac, &slots, 40);
+    throttle(&mut ac, 20, 0);
+    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "500"], &slots);
+    wait_status(&mut ac, id, "5 keys moved", |s| s.num("keys_moved") >= 5);
+    // The target stops answering for 3 s, longer than TIMEOUT.
+    let sleeper = {
+        let mut bc = b.conn();
+        thread::spawn(move || {
+            let _ = run(&mut bc, &["DEBUG", "SLEEP", "3"]);
+        })
+    };
+    let s = finish(&a, id);
+    sleeper.join().unwrap();
+    assert_eq!(s.state(), "failed", "{s:?}");
+    error_mentions(&s, &["timeout", "timed out"]);
+    assert_nothing_lost(&before, &a, &b, "after a timeout");
+    throttle(&mut ac, 0, 0);
+    migrate_slots_done(&a, &b, &[], &slots);
+    assert_same_data(&before, &snap_db(&mut b.conn()), "after the re-run");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+}
+
+#[test]
+fn target_out_of_memory() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 320;
+    let t = tag_for_slot(H, slot);
+    for i in 0..100 {
+        ok(
+            &mut ac,
+            &[
+                "SET",
+                &format!("{{{t}}}:{i}"),
+                &format!("{i}:{}", "m".repeat(50_000)),
+            ],
+        );
+    }
+    fill_big(&mut ac, &format!("{{{t}}}:bighash"), "hash", 50_000);
+    let before = snap_db(&mut ac);
+    let used: u64 = info(&mut bc, "memory")["used_memory"].parse().unwrap();
+    let limit = used + 1_000_000;
+    ok(
+        &mut bc,
+        &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+    );
+    ok(&mut bc, &["CONFIG", "SET", "maxmemory", &limit.to_string()]);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let s = finish(&a, id);
+    assert_eq!(
+        s.state(),
+        "failed",
+        "the target cannot hold 5 MB under a 1 MB margin: {s:?}"
+    );
+    error_mentions(&s, &["OOM", "memory"]);
+    let src = assert_nothing_lost(&before, &a, &b, "after OOM on the target");
+    assert!(
+        !src.is_empty(),
+        "the source keeps the keys the target refused"
+    );
+    // Unacknowledged keys are still on the source, acknowledged ones are on the target.
+    let on_target = snap_db(&mut bc);
+    for k in before.keys() {
+        assert!(
+            src.contains_key(k) || on_target.contains_key(k),
+            "{} lost",
+            show(k)
+        );
+    }
+    assert!(
+        as_int(&ok(&mut bc, &["EXISTS", &format!("{{{t}}}:bighash")])) == 0
+            || on_target.contains_key(format!("{{{t}}}:bighash").as_bytes()),
+    );
+    // With memory again, a new job finishes.
+    ok(&mut bc, &["CONFIG", "SET", "maxmemory", "0"]);
+    migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &[slot]);
+    assert_same_data(&before, &snap_db(&mut bc), "after the re-run");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+}
+
+#[test]
+fn restore_on_oom_target_answers_oom_and_changes_nothing() {
+    let b = Server::start();
+    let helper = Server::builder().without_module().start();
+    let mut hc = helper.conn();
+    ok(&mut hc, &["SET", "k", "v"]);
+    let p = dump(&mut hc, "k");
+    let mut bc = b.conn();
+    fill_big(&mut bc, "filler", "hash", 20_000);
+    ok(
+        &mut bc,
+        &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+    );
+    ok(&mut bc, &["CONFIG", "SET", "maxmemory", "1"]);
+    let d0 = digest(&mut bc);
+    let r = run(
+        &mut bc,
+        &restore_args(
+            "1",
+            "oomtest",
+            &[rec(&[b"DUMP", b"k", b"0", b"-", b"0", &p])],
+        ),
+    );
+    match r {
+        Err(e) => assert!(err_text(&e).starts_with("OOM"), "{}", err_text(&e)),
+        Ok(v) => panic!("SLOTS.RESTORE over maxmemory must answer -OOM, got {v:?}"),
+    }
+    assert_eq!(digest(&mut bc), d0);
+    ok(&mut bc, &["CONFIG", "SET", "maxmemory", "0"]);
+}
+
+#[test]
+fn auth_with_requirepass() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut bc = b.conn();
+    ok(&mut bc, &["CONFIG", "SET", "requirepass", "s3cret"]);
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[330], 20);
+    let s = migrate_slots_done(&a, &b, &["AUTH", "s3cret", "MAXBULKS", "100"], &[330]);
+    assert_eq!(s.num("errors"), 0);
+    let mut bc = conn_auth(&b, None, "s3cret");
+    assert_same_data(&before, &snap_db(&mut bc), "target with requirepass");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+}
+
+#[test]
+fn auth2_with_acl_user() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut bc = b.conn();
+    ok(
+        &mut bc,
+        &[
+            "ACL", "SETUSER", "migrator", "on", ">m1gr4te", "~*", "&*", "+@all",
+        ],
+    );
+    ok(&mut bc, &["ACL", "SETUSER", "default", "off"]);
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[331], 20);
+    let s = migrate_slots_done(
+        &a,
+        &b,
+        &["AUTH2", "migrator", "m1gr4te", "MAXBULKS", "100"],
+        &[331],
+    );
+    assert_eq!(s.num("errors"), 0);
+    let mut bc = conn_auth(&b, Some("migrator"), "m1gr4te");
+    assert_same_data(&before, &snap_db(&mut bc), "target with an ACL user");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+}
+
+#[test]
+fn wrong_credentials_fail_the_job_and_keep_everything() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut bc = b.conn();
+    ok(
+        &mut bc,
+        &[
+            "ACL", "SETUSER", "migrator", "on", ">right", "~*", "&*", "+@all",
+        ],
+    );
+    ok(&mut bc, &["CONFIG", "SET", "requirepass", "alsoright"]);
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[332], 10);
+    let d0 = digest(&mut ac);
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["AUTH", "wrong"], vec!["WRONGPASS", "auth", "password"]),
+        (
+            vec!["AUTH2", "migrator", "wrong"],
+            vec!["WRONGPASS", "auth", "password"],
+        ),
+        (
+            vec!["AUTH2", "nosuchuser", "right"],
+            vec!["WRONGPASS", "auth", "password"],
+        ),
+        (vec![], vec!["NOAUTH", "auth"]),
+    ];
+    for (opts, words) in cases {
+        let mut o = opts.clone();
+        o.extend(["TIMEOUT", "2000"]);
+        let id = migrate_slots(&mut ac, b.port, &o, &[332]);
+        let s = finish(&a, id);
+        assert_eq!(s.state(), "failed", "{opts:?}: {s:?}");
+        error_mentions(&s, &words);
+        assert_eq!(s.num("keys_moved"), 0, "{s:?}");
+        assert_eq!(digest(&mut ac), d0, "{opts:?}: source changed");
+    }
+    let mut bc = conn_auth(&b, None, "alsoright");
+    assert_eq!(dbsize(&mut bc), 0, "nothing reached the target");
+    assert_same_data(&before, &snap_db(&mut ac), "source");
+}
+
+#[test]
+fn source_killed_mid_job_then_new_job_resumes() {
+    let mut a = Server::builder()
+        .appendonly(true)
+        .config("appendfsync always")
+        .start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slots = [340u32, 341];
+    let before = dataset(&mut ac, &slots, 80);
+    throttle(&mut ac, 30, 0);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &slots);
+    wait_status(&mut ac, id, "30 keys moved", |s| s.num("keys_moved") >= 30);
+    drop(ac);
+    a.restart(Stop::Kill);
+    let mut ac = a.conn();
+    let src = assert_nothing_lost(
+        &before,
+        &a,
+        &b,
+        "after the source was killed and reloaded its AOF",
+    );
+    assert!(
+        src.len() < before.len() && !src.is_empty(),
+        "{} of {}",
+        src.len(),
+        before.len()
+    );
+    assert_exact(&mut ac, H);
+    // The job is gone with the process; the throttle is back at its default.
+    let s = migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &slots);
+    assert_eq!(s.num("keys_moved") as usize, src.len(), "{s:?}");
+    let mut bc = b.conn();
+    assert_same_data(&before, &snap_db(&mut bc), "target after the new job");
+    assert_eq!(user_keys(&mut ac).len(), 0);
+    assert_exact(&mut ac, H);
+    assert_exact(&mut bc, H);
+}
+
+#[test]
+fn staging_key_lost_mid_transfer_is_resent() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 350;
+    let t = tag_for_slot(H, slot);
+    let key = format!("{{{t}}}:bighash");
+    fill_big(&mut ac, &key, "hash", 100_000);
+    let before = snap_db(&mut ac);
+    throttle(&mut ac, 0, 400_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let mut staging = Vec::new();
+    wait_until(LONG, "staging key on the target", || {
+        match staging_keys(&mut bc).into_iter().next() {
+            Some(s) => {
+                staging = s;
+                true
+            }
+            None => false,
+        }
+    });
+    // The staging key disappears (as after an expiry or a target restart):
+    // the target answers -1 to the next chunk and the source starts over.
+    thread::sleep(Duration::from_millis(300));
+    ok(&mut bc, &[b"DEL".as_slice(), &staging]);
+    throttle(&mut ac, 0, 0);
+    let s = finish_done(&a, id);
+    assert!(
+        s.num("keys_resent") >= 1,
+        "the big key was sent again: {s:?}"
+    );
+    assert_same_data(
+        &before,
+        &snap_db(&mut bc),
+        "big key after a restart from offset 0",
+    );
+    assert_eq!(dbsize(&mut ac), 0);
+    assert!(staging_keys(&mut bc).is_empty());
+}
