@@ -92,7 +92,9 @@ pub fn try_migrate_slots(
 pub fn migrate_slots(c: &mut Connection, port: u16, opts: &[&str], slots: &[u32]) -> i64 {
     match try_migrate_slots(c, port, opts, slots) {
         Ok(Value::Int(id)) => id,
-        Ok(v) => panic!("SLOTS.MIGRATE ... SLOTS {slots:?} must reply an integer job id, got {v:?}"),
+        Ok(v) => {
+            panic!("SLOTS.MIGRATE ... SLOTS {slots:?} must reply an integer job id, got {v:?}")
+        }
         Err(e) => panic!("SLOTS.MIGRATE ... SLOTS {slots:?} failed: {}", err_text(&e)),
     }
 }
@@ -172,7 +174,10 @@ pub fn parse_status(v: &Value) -> Status {
 }
 
 pub fn status(c: &mut Connection, id: i64) -> Status {
-    parse_status(&ok(c, &["SLOTS.MIGRATE.STATUS".to_string(), id.to_string()]))
+    parse_status(&ok(
+        c,
+        &["SLOTS.MIGRATE.STATUS".to_string(), id.to_string()],
+    ))
 }
 
 pub fn status_all(c: &mut Connection) -> Vec<Status> {
@@ -438,14 +443,7 @@ fn stream_snap(c: &mut Connection, key: &[u8]) -> StreamSnap {
         .collect();
     let full = ok(
         c,
-        &[
-            b"XINFO".as_slice(),
-            b"STREAM",
-            key,
-            b"FULL",
-            b"COUNT",
-            b"0",
-        ],
+        &[b"XINFO".as_slice(), b"STREAM", key, b"FULL", b"COUNT", b"0"],
     );
     let m = kv_map(&full);
     let ctx = "XINFO STREAM FULL";
@@ -595,15 +593,17 @@ fn first_diff<T: PartialEq + std::fmt::Debug>(a: &[T], b: &[T]) -> String {
 /// compared (the wire protocol does not carry them).
 pub fn key_diff(a: &KeySnap, b: &KeySnap, time_slack_ms: i64) -> String {
     if a.expire_at_ms != b.expire_at_ms {
-        return format!(
-            "PEXPIRETIME {} vs {}",
-            a.expire_at_ms, b.expire_at_ms
-        );
+        return format!("PEXPIRETIME {} vs {}", a.expire_at_ms, b.expire_at_ms);
     }
     match (&a.content, &b.content) {
         (Content::String(x), Content::String(y)) => {
             if x != y {
-                return format!("string of {} bytes vs {} bytes: {}", x.len(), y.len(), first_diff(x, y));
+                return format!(
+                    "string of {} bytes vs {} bytes: {}",
+                    x.len(),
+                    y.len(),
+                    first_diff(x, y)
+                );
             }
         }
         (Content::List(x), Content::List(y)) => {
@@ -631,7 +631,12 @@ pub fn key_diff(a: &KeySnap, b: &KeySnap, time_slack_ms: i64) -> String {
             if x != y {
                 let xs: Vec<_> = x.iter().collect();
                 let ys: Vec<_> = y.iter().collect();
-                return format!("hash of {} vs {} fields: {}", x.len(), y.len(), first_diff(&xs, &ys));
+                return format!(
+                    "hash of {} vs {} fields: {}",
+                    x.len(),
+                    y.len(),
+                    first_diff(&xs, &ys)
+                );
             }
         }
         (Content::Stream(x), Content::Stream(y)) => {
@@ -881,16 +886,65 @@ pub fn decorate_stream(c: &mut Connection, key: &str, n_entries: usize) {
     ok(c, &["XGROUP", "CREATE", key, "g1", "0"]);
     ok(c, &["XGROUP", "CREATE", key, "g2", "$"]);
     // A group created in the middle: entries-read unknown.
-    let mid = as_array(&ok(c, &["XRANGE", key, "-", "+", "COUNT", &(n_entries / 2 + 1).to_string()]))
-        .last()
-        .map(|e| as_string(&as_array(e)[0]))
-        .unwrap();
+    let mid = as_array(&ok(
+        c,
+        &[
+            "XRANGE",
+            key,
+            "-",
+            "+",
+            "COUNT",
+            &(n_entries / 2 + 1).to_string(),
+        ],
+    ))
+    .last()
+    .map(|e| as_string(&as_array(e)[0]))
+    .unwrap();
     ok(c, &["XGROUP", "CREATE", key, "g3", &mid]);
     ok(c, &["XGROUP", "CREATECONSUMER", key, "g2", "idle-consumer"]);
     let third = (n_entries / 3).max(1).to_string();
-    ok(c, &["XREADGROUP", "GROUP", "g1", "alice", "COUNT", &third, "STREAMS", key, ">"]);
-    ok(c, &["XREADGROUP", "GROUP", "g1", "bob", "COUNT", &third, "STREAMS", key, ">"]);
-    ok(c, &["XREADGROUP", "GROUP", "g3", "carol", "COUNT", "2", "STREAMS", key, ">"]);
+    ok(
+        c,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g1",
+            "alice",
+            "COUNT",
+            &third,
+            "STREAMS",
+            key,
+            ">",
+        ],
+    );
+    ok(
+        c,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g1",
+            "bob",
+            "COUNT",
+            &third,
+            "STREAMS",
+            key,
+            ">",
+        ],
+    );
+    ok(
+        c,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g3",
+            "carol",
+            "COUNT",
+            "2",
+            "STREAMS",
+            key,
+            ">",
+        ],
+    );
     // Ack a few of alice's, claim one of bob's (delivery count 2).
     let pend = ok(c, &["XPENDING", key, "g1", "-", "+", "10", "alice"]);
     for p in as_array(&pend).iter().take(3) {
@@ -934,12 +988,54 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
     ok(c, &["SETRANGE", &k("str:big"), "5000", "middle\0bytes"]);
     // Lists.
     ok(c, &["RPUSH", &add(k("list:small")), "a", "b", "c", "a", ""]);
-    ok(c, &["RPUSH", &add(k("list:ints")), "1", "-2", "300000", "9223372036854775807"]);
-    ok(c, &[b"RPUSH".as_slice(), add(k("list:bin")).as_bytes(), &bin, b"\0", &"long".repeat(100).into_bytes()]);
+    ok(
+        c,
+        &[
+            "RPUSH",
+            &add(k("list:ints")),
+            "1",
+            "-2",
+            "300000",
+            "9223372036854775807",
+        ],
+    );
+    ok(
+        c,
+        &[
+            b"RPUSH".as_slice(),
+            add(k("list:bin")).as_bytes(),
+            &bin,
+            b"\0",
+            &"long".repeat(100).into_bytes(),
+        ],
+    );
     fill_big(c, &add(k("list:big")), "list", 600 * scale);
     // Sets.
-    ok(c, &["SADD", &add(k("set:intset")), "1", "2", "3", "-5", "9223372036854775807", "-9223372036854775808"]);
-    ok(c, &["SADD", &add(k("set:strings")), "a", "b", "c", "", "with space"]);
+    ok(
+        c,
+        &[
+            "SADD",
+            &add(k("set:intset")),
+            "1",
+            "2",
+            "3",
+            "-5",
+            "9223372036854775807",
+            "-9223372036854775808",
+        ],
+    );
+    ok(
+        c,
+        &[
+            "SADD",
+            &add(k("set:strings")),
+            "a",
+            "b",
+            "c",
+            "",
+            "with space",
+        ],
+    );
     fill_big(c, &add(k("set:big-intset")), "intset", 600 * scale);
     fill_big(c, &add(k("set:big")), "set", 700 * scale);
     // Sorted sets.
@@ -957,8 +1053,25 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
     }
     ok(c, &z);
     // Hashes.
-    ok(c, &["HSET", &add(k("hash:small")), "f1", "v1", "f2", "", "", "empty-field", "n", "42"]);
-    ok(c, &["HSET", &add(k("hash:bigvalue")), "f", &"v".repeat(200)]);
+    ok(
+        c,
+        &[
+            "HSET",
+            &add(k("hash:small")),
+            "f1",
+            "v1",
+            "f2",
+            "",
+            "",
+            "empty-field",
+            "n",
+            "42",
+        ],
+    );
+    ok(
+        c,
+        &["HSET", &add(k("hash:bigvalue")), "f", &"v".repeat(200)],
+    );
     fill_big(c, &add(k("hash:big")), "hash", 500 * scale);
     // Streams.
     ok(c, &["XADD", &add(k("stream:small")), "1-1", "f", "v"]);
@@ -966,16 +1079,51 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
     ok(c, &["XADD", &k("stream:small"), "5-0", "x", ""]);
     ok(c, &["XADD", &k("stream:small"), "6-0", "y", "z"]);
     decorate_stream(c, &k("stream:small"), 4);
-    ok(c, &["XSETID", &k("stream:small"), "99-5", "ENTRIESADDED", "77", "MAXDELETEDID", "50-0"]);
-    ok(c, &["XGROUP", "CREATE", &add(k("stream:empty")), "g", "$", "MKSTREAM"]);
+    ok(
+        c,
+        &[
+            "XSETID",
+            &k("stream:small"),
+            "99-5",
+            "ENTRIESADDED",
+            "77",
+            "MAXDELETEDID",
+            "50-0",
+        ],
+    );
+    ok(
+        c,
+        &[
+            "XGROUP",
+            "CREATE",
+            &add(k("stream:empty")),
+            "g",
+            "$",
+            "MKSTREAM",
+        ],
+    );
     fill_big(c, &add(k("stream:big")), "stream", 300 * scale);
     decorate_stream(c, &k("stream:big"), 300 * scale);
     // Expiries (absolute, odd milliseconds).
     let at = now_ms() + 3_600_000 + 123;
-    for n in ["str:raw", "list:small", "set:big", "zset:small", "hash:big", "stream:small"] {
+    for n in [
+        "str:raw",
+        "list:small",
+        "set:big",
+        "zset:small",
+        "hash:big",
+        "stream:small",
+    ] {
         ok(c, &["PEXPIREAT", &k(n), &at.to_string()]);
     }
-    ok(c, &["PEXPIREAT", &k("str:int"), &(at + 86_400_000 * 365).to_string()]);
+    ok(
+        c,
+        &[
+            "PEXPIREAT",
+            &k("str:int"),
+            &(at + 86_400_000 * 365).to_string(),
+        ],
+    );
     keys
 }
 
@@ -1059,7 +1207,11 @@ pub fn crc64(data: &[u8]) -> u64 {
     for &b in data {
         crc ^= b as u64;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ POLY
+            } else {
+                crc >> 1
+            };
         }
     }
     crc
@@ -1101,7 +1253,11 @@ pub fn restore_ok(c: &mut Connection, source_id: &str, records: &[Vec<Vec<u8>>])
     let a = restore_args("1", source_id, records);
     match run(c, &a) {
         Ok(v) => as_array(&v).iter().map(as_int).collect(),
-        Err(e) => panic!("SLOTS.RESTORE failed: {}\nbatch: {:?}", err_text(&e), printable(&a)),
+        Err(e) => panic!(
+            "SLOTS.RESTORE failed: {}\nbatch: {:?}",
+            err_text(&e),
+            printable(&a)
+        ),
     }
 }
 

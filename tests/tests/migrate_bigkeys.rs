@@ -22,9 +22,18 @@ fn big_dataset(c: &mut redis::Connection, tag: &str) -> Vec<(String, &'static st
     fill_big(c, &k("list"), "list", 60_000);
     fill_big(c, &k("stream"), "stream", 20_000);
     decorate_stream(c, &k("stream"), 20_000);
-    let s: String = (0..2_000_000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let s: String = (0..2_000_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
     ok(c, &["SET", &k("string"), &s]);
-    ok(c, &["PEXPIREAT", &k("hash"), &(now_ms() + 86_400_000 + 7).to_string()]);
+    ok(
+        c,
+        &[
+            "PEXPIREAT",
+            &k("hash"),
+            &(now_ms() + 86_400_000 + 7).to_string(),
+        ],
+    );
     vec![
         (k("hash"), "HLEN", 200_000),
         (k("set"), "SCARD", 60_000),
@@ -93,7 +102,12 @@ fn no_half_key_visible_during_chunked_transfer() {
     };
     // Slow enough to poll many times during the transfer.
     throttle(&mut ac, 0, 8_000_000);
-    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100", "MAXBYTES", "65536"], &[slot]);
+    let id = migrate_slots(
+        &mut ac,
+        b.port,
+        &["MAXBULKS", "100", "MAXBYTES", "65536"],
+        &[slot],
+    );
     let st = finish(&a, id);
     stop.store(true, Ordering::SeqCst);
     let (polls, staging_seen, _) = poller.join().expect("poller thread");
@@ -103,7 +117,10 @@ fn no_half_key_visible_during_chunked_transfer() {
         st.num("big_keys") >= 7,
         "every key of the dataset exceeds MAXBULKS/MAXBYTES: {st:?}"
     );
-    assert!(staging_seen > 0, "the poller never saw a staging key ({polls} polls): were the keys chunked?");
+    assert!(
+        staging_seen > 0,
+        "the poller never saw a staging key ({polls} polls): were the keys chunked?"
+    );
     let mut bc = b.conn();
     assert_same_data(&before, &snap_db(&mut bc), "big keys");
     assert_eq!(dbsize(&mut ac), 0);
@@ -137,13 +154,20 @@ fn cancelled_big_key_transfer_leaves_no_key_and_a_new_job_finishes() {
         "hash",
         "staging key of a hash is a hash"
     );
-    assert_eq!(as_string(&ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()])), "OK");
+    assert_eq!(
+        as_string(&ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()])),
+        "OK"
+    );
     let st = status(&mut ac, id);
     assert_eq!(st.state(), "cancelled", "{st:?}");
     assert_eq!(wait_job(&mut ac, id, 1000), "cancelled");
     // Nothing arrives under the real name, now or a moment later.
     for _ in 0..10 {
-        assert_eq!(as_int(&ok(&mut bc, &["EXISTS", &key])), 0, "half-sent big key visible after CANCEL");
+        assert_eq!(
+            as_int(&ok(&mut bc, &["EXISTS", &key])),
+            0,
+            "half-sent big key visible after CANCEL"
+        );
         std::thread::sleep(Duration::from_millis(30));
     }
     // The staging key (if still there) expires by itself.
@@ -184,7 +208,12 @@ fn abandoned_transfer_source_killed_leaves_expiring_staging_key() {
     fill_big(&mut ac, &key, "zset", 100_000);
     throttle(&mut ac, 0, 300_000);
     // TIMEOUT 120000: the safety expiry is 10x TIMEOUT = 20 minutes.
-    let _id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100", "TIMEOUT", "120000"], &[slot]);
+    let _id = migrate_slots(
+        &mut ac,
+        b.port,
+        &["MAXBULKS", "100", "TIMEOUT", "120000"],
+        &[slot],
+    );
     let mut staging = None;
     wait_until(LONG, "a staging key for the big zset on the target", || {
         staging = staging_for(&mut bc, &key);
@@ -193,13 +222,20 @@ fn abandoned_transfer_source_killed_leaves_expiring_staging_key() {
     let staging = staging.unwrap();
     kill9(&a);
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(as_int(&ok(&mut bc, &["EXISTS", &key])), 0, "real key visible after the source died");
+    assert_eq!(
+        as_int(&ok(&mut bc, &["EXISTS", &key])),
+        0,
+        "real key visible after the source died"
+    );
     let pttl = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
     assert!(
         pttl > 600_000 && pttl <= 1_200_000,
         "staging key safety expiry with TIMEOUT 120000 must be 10x TIMEOUT (1200 s, longer than 10 min): PTTL {pttl}"
     );
-    assert_eq!(as_string(&ok(&mut bc, &[b"TYPE".as_slice(), &staging])), "zset");
+    assert_eq!(
+        as_string(&ok(&mut bc, &[b"TYPE".as_slice(), &staging])),
+        "zset"
+    );
     // Bring the source back empty (no persistence): nothing more happens on the target.
     a.restart(Stop::Kill);
     std::thread::sleep(Duration::from_millis(200));
@@ -244,12 +280,17 @@ fn default_timeout_staging_expiry_is_ten_minutes() {
     );
     // The staging key name contains the job's source-id and the key.
     let name = String::from_utf8_lossy(&staging).into_owned();
-    assert!(name.starts_with("slotfork:staging:") && name.ends_with(&format!(":{key}")), "{name}");
+    assert!(
+        name.starts_with("slotfork:staging:") && name.ends_with(&format!(":{key}")),
+        "{name}"
+    );
     let sid = &name["slotfork:staging:".len()..name.len() - key.len() - 1];
     assert!(
         !sid.is_empty()
             && sid.len() <= 64
-            && sid.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
+            && sid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
         "source-id {sid:?} must match [A-Za-z0-9_.:-]{{1,64}}"
     );
     throttle(&mut ac, 0, 0);

@@ -69,23 +69,41 @@ fn status_fields_of_a_done_slot_job() {
     assert_eq!(s.state(), "done");
     assert_eq!(s.get("target"), format!("127.0.0.1:{}", b.port));
     assert_eq!(s.get("db"), "0");
-    assert_eq!(s.get("slots"), "1,5-9", "slot list is printed sorted with ranges");
+    assert_eq!(
+        s.get("slots"),
+        "1,5-9",
+        "slot list is printed sorted with ranges"
+    );
     assert_eq!(s.num("keys_moved") as usize, keys.len());
     assert!(s.num("bytes_moved") > 0, "{s:?}");
     assert_eq!(s.num("big_keys"), 0, "{s:?}");
-    assert_eq!(s.num("chunks_sent"), 0, "no big key, no CHUNK record: {s:?}");
+    assert_eq!(
+        s.num("chunks_sent"),
+        0,
+        "no big key, no CHUNK record: {s:?}"
+    );
     assert!(s.num("keys_resent") >= 0);
     assert!(s.num("rate_keys_per_sec") >= 0 && s.num("rate_bytes_per_sec") >= 0);
     assert!(s.num("max_step_usec") > 0, "{s:?}");
     no_error(&s);
     let started = s.num("started_at_ms");
-    assert!(started >= t0 - 1000 && started <= t1 + 1000, "started_at_ms {started} not in [{t0}, {t1}]");
+    assert!(
+        started >= t0 - 1000 && started <= t1 + 1000,
+        "started_at_ms {started} not in [{t0}, {t1}]"
+    );
     let el = s.num("elapsed_ms");
-    assert!(el >= 0 && el <= w0.elapsed().as_millis() as i64 + 1000, "elapsed_ms {el}");
+    assert!(
+        el >= 0 && el <= w0.elapsed().as_millis() as i64 + 1000,
+        "elapsed_ms {el}"
+    );
     // A finished job's status does not change any more.
     std::thread::sleep(Duration::from_millis(50));
     let s2 = status(&mut ac, id);
-    assert_eq!(s2.get("elapsed_ms"), s.get("elapsed_ms"), "elapsed_ms of a finished job is frozen");
+    assert_eq!(
+        s2.get("elapsed_ms"),
+        s.get("elapsed_ms"),
+        "elapsed_ms of a finished job is frozen"
+    );
     assert_eq!(s2.get("keys_moved"), s.get("keys_moved"));
     // STATUS without id lists it.
     let all = status_all(&mut ac);
@@ -125,9 +143,17 @@ fn key_job_moves_one_hash_tag_group_only() {
     let mut bc = b.conn();
     assert_same_data(&before, &snap_db(&mut bc), "tag group on the target");
     for k in &group {
-        assert_eq!(as_int(&ok(&mut ac, &["EXISTS", k])), 0, "{k} left on source");
+        assert_eq!(
+            as_int(&ok(&mut ac, &["EXISTS", k])),
+            0,
+            "{k} left on source"
+        );
     }
-    assert_eq!(slots_count(&mut ac, slot), 20, "other keys of the slot stay");
+    assert_eq!(
+        slots_count(&mut ac, slot),
+        20,
+        "other keys of the slot stay"
+    );
     assert_eq!(dbsize(&mut ac), 30);
     assert_exact(&mut ac, H);
     assert_exact(&mut bc, H);
@@ -167,7 +193,11 @@ fn status_while_running_and_wait_timeout() {
     // WAIT with a timeout on a running job answers `running` after the timeout.
     let t = Instant::now();
     assert_eq!(wait_job(&mut ac, id, 300), "running");
-    assert!(t.elapsed() >= Duration::from_millis(250), "WAIT 300 returned after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "WAIT 300 returned after {:?}",
+        t.elapsed()
+    );
     // Progress is monotonic.
     let mut last_moved = 0;
     let mut last_remaining = i64::MAX;
@@ -178,9 +208,19 @@ fn status_while_running_and_wait_timeout() {
         if s.state() != "running" {
             break;
         }
-        let (m, r, e) = (s.num("keys_moved"), s.num("keys_remaining"), s.num("elapsed_ms"));
-        assert!(m >= last_moved && r <= last_remaining && e >= last_elapsed, "progress went back: {s:?}");
-        assert!(m + r <= keys.len() as i64, "moved + remaining > total: {s:?}");
+        let (m, r, e) = (
+            s.num("keys_moved"),
+            s.num("keys_remaining"),
+            s.num("elapsed_ms"),
+        );
+        assert!(
+            m >= last_moved && r <= last_remaining && e >= last_elapsed,
+            "progress went back: {s:?}"
+        );
+        assert!(
+            m + r <= keys.len() as i64,
+            "moved + remaining > total: {s:?}"
+        );
         (last_moved, last_remaining, last_elapsed) = (m, r, e);
         thread::sleep(Duration::from_millis(50));
     }
@@ -215,8 +255,15 @@ fn wait_blocks_only_the_caller() {
         assert_eq!(as_string(&ok(&mut oc, &["PING"])), "PONG");
     }
     let s = status(&mut oc, id);
-    assert_eq!(s.state(), "running", "the throttled job should still run: {s:?}");
-    assert!(!returned.load(Ordering::SeqCst), "WAIT 0 returned while the job was running");
+    assert_eq!(
+        s.state(),
+        "running",
+        "the throttled job should still run: {s:?}"
+    );
+    assert!(
+        !returned.load(Ordering::SeqCst),
+        "WAIT 0 returned while the job was running"
+    );
     throttle(&mut oc, 0, 0);
     assert_eq!(waiter.join().unwrap(), "done");
     assert_eq!(status(&mut oc, id).state(), "done");
@@ -250,25 +297,49 @@ fn cancel_keeps_unmoved_keys_and_a_new_job_finishes() {
     let mut ac = a.conn();
     let slots = [50u32, 51];
     fill_slots(&mut ac, &slots, 40);
-    ok(&mut ac, &["HSET", &format!("{{{}}}:h", tag_for_slot(H, 50)), "f", "v"]);
+    ok(
+        &mut ac,
+        &["HSET", &format!("{{{}}}:h", tag_for_slot(H, 50)), "f", "v"],
+    );
     let before = snap_db(&mut ac);
     throttle(&mut ac, 10, 0);
     let id = migrate_slots(&mut ac, b.port, &[], &slots);
     wait_status(&mut ac, id, "keys_moved >= 5", |s| s.num("keys_moved") >= 5);
-    assert_eq!(as_string(&ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()])), "OK");
+    assert_eq!(
+        as_string(&ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()])),
+        "OK"
+    );
     let s = status(&mut ac, id);
-    assert_eq!(s.state(), "cancelled", "CANCEL stops the job at once: {s:?}");
+    assert_eq!(
+        s.state(),
+        "cancelled",
+        "CANCEL stops the job at once: {s:?}"
+    );
     assert_eq!(wait_job(&mut ac, id, 0), "cancelled");
     // Nothing moves any more.
     let src1 = snap_db(&mut ac);
     let mut bc = b.conn();
     let dst1 = snap_db(&mut bc);
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(snap_db(&mut ac).len(), src1.len(), "source changed after CANCEL");
-    assert_eq!(snap_db(&mut bc).len(), dst1.len(), "target changed after CANCEL");
+    assert_eq!(
+        snap_db(&mut ac).len(),
+        src1.len(),
+        "source changed after CANCEL"
+    );
+    assert_eq!(
+        snap_db(&mut bc).len(),
+        dst1.len(),
+        "target changed after CANCEL"
+    );
     assert!(!dst1.is_empty(), "some keys had moved");
-    assert!(src1.len() < before.len(), "moved keys are deleted from the source");
-    assert!(!src1.is_empty(), "a throttled job cannot have moved everything");
+    assert!(
+        src1.len() < before.len(),
+        "moved keys are deleted from the source"
+    );
+    assert!(
+        !src1.is_empty(),
+        "a throttled job cannot have moved everything"
+    );
     // Every key is somewhere with its content; none is lost.
     let union = union_consistent(&src1, &dst1, "after CANCEL");
     assert_same_data(&before, &union, "source + target after CANCEL");
@@ -287,9 +358,15 @@ fn throttle_keys_per_sec() {
     let a = Server::start();
     let b = Server::start();
     let mut ac = a.conn();
-    let v = ok(&mut ac, &["CONFIG", "GET", "slots.migrate-max-keys-per-sec"]);
+    let v = ok(
+        &mut ac,
+        &["CONFIG", "GET", "slots.migrate-max-keys-per-sec"],
+    );
     assert_eq!(as_string(&as_array(&v)[1]), "0", "default: unlimited");
-    let v = ok(&mut ac, &["CONFIG", "GET", "slots.migrate-max-bytes-per-sec"]);
+    let v = ok(
+        &mut ac,
+        &["CONFIG", "GET", "slots.migrate-max-bytes-per-sec"],
+    );
     assert_eq!(as_string(&as_array(&v)[1]), "0", "default: unlimited");
     let keys = fill_slots(&mut ac, &[60], 50);
     throttle(&mut ac, 20, 0);
@@ -299,7 +376,10 @@ fn throttle_keys_per_sec() {
     let took = t.elapsed();
     assert_eq!(s.num("keys_moved") as usize, keys.len());
     // 50 keys at 20 keys/s: at least (50 - 20) / 20 s even with a 1 s burst.
-    assert!(took >= Duration::from_millis(1400), "50 keys at 20 keys/s took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "50 keys at 20 keys/s took {took:?}"
+    );
     assert!(s.num("elapsed_ms") >= 1400, "{s:?}");
 }
 
@@ -310,7 +390,10 @@ fn throttle_bytes_per_sec() {
     let mut ac = a.conn();
     let tag = tag_for_slot(H, 61);
     for i in 0..10 {
-        ok(&mut ac, &["SET", &format!("{{{tag}}}:{i}"), &"x".repeat(50_000)]);
+        ok(
+            &mut ac,
+            &["SET", &format!("{{{tag}}}:{i}"), &"x".repeat(50_000)],
+        );
     }
     throttle(&mut ac, 0, 200_000);
     let t = Instant::now();
@@ -319,7 +402,10 @@ fn throttle_bytes_per_sec() {
     let took = t.elapsed();
     assert!(s.num("bytes_moved") >= 500_000, "{s:?}");
     // 500 KB at 200 KB/s: at least (500 - 200) / 200 s even with a 1 s burst.
-    assert!(took >= Duration::from_millis(1400), "500 KB at 200 KB/s took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "500 KB at 200 KB/s took {took:?}"
+    );
 }
 
 #[test]
@@ -361,7 +447,10 @@ fn finished_jobs_remembered_up_to_sixteen() {
         assert_eq!(s.state(), "done");
         assert_eq!(s.num("keys_moved"), 0);
     }
-    let e = expect_err(&mut ac, &["SLOTS.MIGRATE.STATUS".to_string(), ids[0].to_string()]);
+    let e = expect_err(
+        &mut ac,
+        &["SLOTS.MIGRATE.STATUS".to_string(), ids[0].to_string()],
+    );
     assert!(e.starts_with("ERR"), "{e}");
 }
 
@@ -385,16 +474,88 @@ fn bad_arguments_are_rejected_and_start_nothing() {
         vec!["SLOTS.MIGRATE", "127.0.0.1", "70000", "SLOTS", "1"],
         vec!["SLOTS.MIGRATE", "127.0.0.1", "-5", "SLOTS", "1"],
         vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "FOO", "1", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "MAXBULKS", "0", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "MAXBULKS", "-1", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "MAXBULKS", "many", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "MAXBYTES", "0", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "TIMEOUT", "soon", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "TIMEOUT", "-1", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "PARALLEL", "0", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "PARALLEL", "x", "SLOTS", "1"],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "MAXBULKS",
+            "0",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "MAXBULKS",
+            "-1",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "MAXBULKS",
+            "many",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "MAXBYTES",
+            "0",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "TIMEOUT",
+            "soon",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "TIMEOUT",
+            "-1",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "PARALLEL",
+            "0",
+            "SLOTS",
+            "1",
+        ],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "PARALLEL",
+            "x",
+            "SLOTS",
+            "1",
+        ],
         vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "AUTH", "SLOTS", "1"],
-        vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "AUTH2", "user", "SLOTS", "1"],
+        vec![
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &p,
+            "AUTH2",
+            "user",
+            "SLOTS",
+            "1",
+        ],
         vec!["SLOTS.MIGRATE", "127.0.0.1", &p, "MAXBULKS", "SLOTS", "1"],
         vec!["SLOTS.MIGRATE.KEYS", "127.0.0.1", &p],
         vec!["SLOTS.MIGRATE.KEYS", "127.0.0.1", &p, "KEYS"],
@@ -427,8 +588,22 @@ fn bad_arguments_are_rejected_and_start_nothing() {
     // WAIT with a bad timeout on a real job.
     let id = migrate_keys(&mut ac, b.port, &[], &["{t}a"]);
     finish_done(&a, id);
-    expect_err(&mut ac, &["SLOTS.MIGRATE.WAIT".to_string(), id.to_string(), "soon".into()]);
-    expect_err(&mut ac, &["SLOTS.MIGRATE.WAIT".to_string(), id.to_string(), "-1".into()]);
+    expect_err(
+        &mut ac,
+        &[
+            "SLOTS.MIGRATE.WAIT".to_string(),
+            id.to_string(),
+            "soon".into(),
+        ],
+    );
+    expect_err(
+        &mut ac,
+        &[
+            "SLOTS.MIGRATE.WAIT".to_string(),
+            id.to_string(),
+            "-1".into(),
+        ],
+    );
 }
 
 #[test]
@@ -437,7 +612,16 @@ fn crc16_slot_range() {
     let b = Server::builder().crc16().start();
     let mut ac = a.conn();
     ok(&mut ac, &["SET", "foo", "1"]); // slot 12182
-    let e = expect_err(&mut ac, &["SLOTS.MIGRATE", "127.0.0.1", &b.port.to_string(), "SLOTS", "16384"]);
+    let e = expect_err(
+        &mut ac,
+        &[
+            "SLOTS.MIGRATE",
+            "127.0.0.1",
+            &b.port.to_string(),
+            "SLOTS",
+            "16384",
+        ],
+    );
     assert!(e.starts_with("ERR"), "{e}");
     let s = migrate_slots_done(&a, &b, &[], &[16383, 12182]);
     assert_eq!(s.get("slots"), "12182,16383");

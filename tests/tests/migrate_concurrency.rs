@@ -40,9 +40,15 @@ fn names(slots: &[u32]) -> Names {
     let tags: Vec<String> = slots.iter().map(|&s| tag_for_slot(H, s)).collect();
     let t = |i: usize| tags[i % tags.len()].clone();
     Names {
-        counters: (0..NCOUNTERS).map(|i| format!("{{{}}}:ctr:{i}", t(i))).collect(),
-        lists: (0..NLISTS).map(|i| format!("{{{}}}:lst:{i}", t(i))).collect(),
-        hashes: (0..NHASHES).map(|i| format!("{{{}}}:h:{i}", t(i))).collect(),
+        counters: (0..NCOUNTERS)
+            .map(|i| format!("{{{}}}:ctr:{i}", t(i)))
+            .collect(),
+        lists: (0..NLISTS)
+            .map(|i| format!("{{{}}}:lst:{i}", t(i)))
+            .collect(),
+        hashes: (0..NHASHES)
+            .map(|i| format!("{{{}}}:h:{i}", t(i)))
+            .collect(),
         sets: (0..NSETS).map(|i| format!("{{{}}}:s:{i}", t(i))).collect(),
         bighash: format!("{{{}}}:bighash", t(0)),
         biglist: format!("{{{}}}:biglist", t(1)),
@@ -169,7 +175,9 @@ fn populate(c: &mut redis::Connection, n: &Names, fillers: usize) -> Vec<String>
     fill_big(c, &n.bighash, "hash", 3000);
     fill_big(c, &n.biglist, "list", 3000);
     for t in &n.tags {
-        let f: Vec<String> = (0..fillers).map(|i| format!("{{{t}}}:filler:{i}")).collect();
+        let f: Vec<String> = (0..fillers)
+            .map(|i| format!("{{{t}}}:filler:{i}"))
+            .collect();
         set_many(c, &f);
         keys.extend(f);
     }
@@ -202,7 +210,10 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             s.state() != "running" || s.num("keys_moved") * 10 >= total * 6
         });
         stop.store(true, Ordering::SeqCst);
-        let acked: Vec<Acked> = hs.into_iter().map(|h| h.join().expect("writer panicked")).collect();
+        let acked: Vec<Acked> = hs
+            .into_iter()
+            .map(|h| h.join().expect("writer panicked"))
+            .collect();
         let s = status(&mut sc_conn, id);
         assert_eq!(
             s.state(),
@@ -214,11 +225,14 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
     });
     throttle(&mut ac, 0, 0);
     let s = finish_done(&a, id);
-    let (ops, asks, tries): (u64, u64, u64) = acked
-        .iter()
-        .fold((0, 0, 0), |x, y| (x.0 + y.ops, x.1 + y.asks, x.2 + y.tryagains));
+    let (ops, asks, tries): (u64, u64, u64) = acked.iter().fold((0, 0, 0), |x, y| {
+        (x.0 + y.ops, x.1 + y.asks, x.2 + y.tryagains)
+    });
     eprintln!("{ops} acknowledged writes, {asks} -ASK, {tries} -TRYAGAIN; final {s:?}");
-    assert!(asks > 0, "no write was redirected: did any hammered key move while written?");
+    assert!(
+        asks > 0,
+        "no write was redirected: did any hammered key move while written?"
+    );
 
     // Every key is on the target only.
     let mut bc = b.conn();
@@ -240,10 +254,17 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .map(as_string)
             .collect();
         let want_len = 1 + acked.iter().map(|a| a.pushes[li].len()).sum::<usize>();
-        assert_eq!(got.len(), want_len, "{k}: list length vs acknowledged pushes");
+        assert_eq!(
+            got.len(),
+            want_len,
+            "{k}: list length vs acknowledged pushes"
+        );
         assert_eq!(got[0], "init");
         for (w, a) in acked.iter().enumerate() {
-            let mine: Vec<&String> = got.iter().filter(|v| v.starts_with(&format!("w{w}:"))).collect();
+            let mine: Vec<&String> = got
+                .iter()
+                .filter(|v| v.starts_with(&format!("w{w}:")))
+                .collect();
             let want: Vec<&String> = a.pushes[li].iter().collect();
             assert_eq!(mine, want, "{k}: writer {w}'s pushes, in order, once each");
         }
@@ -253,7 +274,10 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .iter()
             .map(as_string)
             .collect();
-        let mut want: BTreeSet<String> = acked.iter().flat_map(|a| a.hset[hi].iter().cloned()).collect();
+        let mut want: BTreeSet<String> = acked
+            .iter()
+            .flat_map(|a| a.hset[hi].iter().cloned())
+            .collect();
         want.insert("init".into());
         assert_eq!(got, want, "{k}: hash fields");
     }
@@ -262,14 +286,21 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .iter()
             .map(as_string)
             .collect();
-        let mut want: BTreeSet<String> = acked.iter().flat_map(|a| a.sadd[si].iter().cloned()).collect();
+        let mut want: BTreeSet<String> = acked
+            .iter()
+            .flat_map(|a| a.sadd[si].iter().cloned())
+            .collect();
         want.insert("init".into());
         assert_eq!(got, want, "{k}: set members");
     }
     // Big hash: the initial fields plus every acknowledged HSET.
     let got = snap_key(&mut bc, n.bighash.as_bytes()).expect("big hash on target");
-    let Content::Hash(got) = got.content else { panic!("big hash type") };
-    let Content::Hash(init) = &initial_big[n.bighash.as_bytes()].content else { panic!() };
+    let Content::Hash(got) = got.content else {
+        panic!("big hash type")
+    };
+    let Content::Hash(init) = &initial_big[n.bighash.as_bytes()].content else {
+        panic!()
+    };
     let mut want = init.clone();
     for a in &acked {
         for f in &a.big_hset {
@@ -280,11 +311,19 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
     assert!(got == want, "big hash content differs");
     // Big list: the initial elements, then each writer's pushes in order.
     let got = snap_key(&mut bc, n.biglist.as_bytes()).expect("big list on target");
-    let Content::List(got) = got.content else { panic!("big list type") };
-    let Content::List(init) = &initial_big[n.biglist.as_bytes()].content else { panic!() };
+    let Content::List(got) = got.content else {
+        panic!("big list type")
+    };
+    let Content::List(init) = &initial_big[n.biglist.as_bytes()].content else {
+        panic!()
+    };
     assert_eq!(&got[..init.len()], &init[..], "big list prefix");
     let pushed: usize = acked.iter().map(|a| a.big_push.len()).sum();
-    assert_eq!(got.len(), init.len() + pushed, "big list length vs acknowledged pushes");
+    assert_eq!(
+        got.len(),
+        init.len() + pushed,
+        "big list length vs acknowledged pushes"
+    );
     for (w, a) in acked.iter().enumerate() {
         let mine: Vec<Vec<u8>> = got[init.len()..]
             .iter()
@@ -292,7 +331,10 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .cloned()
             .collect();
         let want: Vec<Vec<u8>> = a.big_push.iter().map(|s| s.clone().into_bytes()).collect();
-        assert!(mine == want, "big list: writer {w}'s pushes in order, once each");
+        assert!(
+            mine == want,
+            "big list: writer {w}'s pushes in order, once each"
+        );
     }
     // Strings: last acknowledged value of each writer-owned key.
     for a in &acked {
@@ -357,8 +399,14 @@ fn writers_then_cancel_then_resume() {
     let union = union_consistent(&src, &dst, "after CANCEL");
     for (ci, k) in n.counters.iter().enumerate() {
         let want: i64 = acked.iter().map(|a| a.incrs[ci]).sum();
-        let Content::String(v) = &union[k.as_bytes()].content else { panic!() };
-        assert_eq!(String::from_utf8_lossy(v), want.to_string(), "{k} after CANCEL");
+        let Content::String(v) = &union[k.as_bytes()].content else {
+            panic!()
+        };
+        assert_eq!(
+            String::from_utf8_lossy(v),
+            want.to_string(),
+            "{k} after CANCEL"
+        );
     }
     let s = migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &slots);
     assert_eq!(s.num("errors"), 0, "{s:?}");

@@ -88,7 +88,10 @@ fn ask_and_tryagain_during_a_slot_job() {
     just_after_a_move(&mut ac, id, 1);
     let (moved, here) = classify(&mut ac, &mut bc, &keys, H, b.port);
     assert!(moved.len() >= 2, "moved {moved:?}");
-    assert!(here.len() >= 5, "a job at 1 key/s cannot have moved everything: here {here:?}");
+    assert!(
+        here.len() >= 5,
+        "a job at 1 key/s cannot have moved everything: here {here:?}"
+    );
     let m = moved[0].as_str();
     let m2 = moved[1].as_str();
     let h = here.last().unwrap().as_str();
@@ -104,20 +107,42 @@ fn ask_and_tryagain_during_a_slot_job() {
         vec!["EXPIRE", m, "100"],
         vec!["TYPE", m],
     ] {
-        assert_eq!(expect_kind(&mut ac, &args, ErrorKind::Ask, "moved key"), ask, "{args:?}");
+        assert_eq!(
+            expect_kind(&mut ac, &args, ErrorKind::Ask, "moved key"),
+            ask,
+            "{args:?}"
+        );
     }
     // The moved key is untouched on the target by those (they were redirected).
     assert_eq!(as_string(&ok(&mut bc, &["GET", m])), format!("val:{m}"));
     assert_eq!(as_int(&ok(&mut bc, &["PEXPIRETIME", m])), -1);
 
     // All keys moved -> ASK; some moved, some here -> TRYAGAIN.
-    assert_eq!(expect_kind(&mut ac, &["MGET", m, m2], ErrorKind::Ask, "all keys moved"), ask);
+    assert_eq!(
+        expect_kind(&mut ac, &["MGET", m, m2], ErrorKind::Ask, "all keys moved"),
+        ask
+    );
     expect_kind(&mut ac, &["MGET", m, h], ErrorKind::TryAgain, "mixed MGET");
     expect_kind(&mut ac, &["MGET", h, m], ErrorKind::TryAgain, "mixed MGET");
     expect_kind(&mut ac, &["DEL", h, m], ErrorKind::TryAgain, "mixed DEL");
-    expect_kind(&mut ac, &["MSET", h, "1", m, "2"], ErrorKind::TryAgain, "mixed MSET");
-    expect_kind(&mut ac, &["EXISTS", m, h], ErrorKind::TryAgain, "mixed EXISTS");
-    expect_kind(&mut ac, &["RENAME", h, m], ErrorKind::TryAgain, "mixed RENAME");
+    expect_kind(
+        &mut ac,
+        &["MSET", h, "1", m, "2"],
+        ErrorKind::TryAgain,
+        "mixed MSET",
+    );
+    expect_kind(
+        &mut ac,
+        &["EXISTS", m, h],
+        ErrorKind::TryAgain,
+        "mixed EXISTS",
+    );
+    expect_kind(
+        &mut ac,
+        &["RENAME", h, m],
+        ErrorKind::TryAgain,
+        "mixed RENAME",
+    );
     // Nothing was changed by the refused commands.
     assert_eq!(as_string(&ok(&mut ac, &["GET", h])), format!("val:{h}"));
     assert_eq!(as_string(&ok(&mut bc, &["GET", m])), format!("val:{m}"));
@@ -146,7 +171,10 @@ fn ask_and_tryagain_during_a_slot_job() {
     finish_done(&a, id);
     // Everything is on the target; the source kept only the other slot.
     for k in &keys {
-        assert_eq!(as_string(&ok(&mut bc, &["GET", k.as_str()])), format!("val:{k}"));
+        assert_eq!(
+            as_string(&ok(&mut bc, &["GET", k.as_str()])),
+            format!("val:{k}")
+        );
     }
     assert_eq!(as_string(&ok(&mut bc, &["GET", fresh.as_str()])), "f");
     assert_eq!(all_keys(&mut ac), vec![other.clone().into_bytes()]);
@@ -172,7 +200,11 @@ fn no_redirection_after_cancel() {
     assert_eq!(status(&mut ac, id).state(), "cancelled");
     // Moved keys are simply absent on the source now; the rest is served.
     let m = moved[0].as_str();
-    assert_eq!(ok(&mut ac, &["GET", m]), redis::Value::Nil, "no ASK once the job is cancelled");
+    assert_eq!(
+        ok(&mut ac, &["GET", m]),
+        redis::Value::Nil,
+        "no ASK once the job is cancelled"
+    );
     let h = here.last().unwrap().as_str();
     ok(&mut ac, &["MGET", m, h]);
     assert_eq!(as_string(&ok(&mut ac, &["GET", h])), format!("val:{h}"));
@@ -194,9 +226,15 @@ fn ask_during_a_key_job() {
     let id = migrate_keys(&mut ac, b.port, &[], &group);
     just_after_a_move(&mut ac, id, 1);
     let (moved, here) = classify(&mut ac, &mut bc, &group, H, b.port);
-    assert!(moved.len() >= 2 && !here.is_empty(), "moved {moved:?} here {here:?}");
+    assert!(
+        moved.len() >= 2 && !here.is_empty(),
+        "moved {moved:?} here {here:?}"
+    );
     let (om, oh) = classify(&mut ac, &mut bc, &outside, H, b.port);
-    assert!(om.is_empty(), "keys outside a key job are never redirected: {om:?}");
+    assert!(
+        om.is_empty(),
+        "keys outside a key job are never redirected: {om:?}"
+    );
     assert_eq!(oh.len(), 3);
     expect_kind(
         &mut ac,

@@ -65,13 +65,20 @@ fn parallel_jobs_to_two_targets() {
     assert_ne!(jb, jc);
     let sb = status(&mut ac, jb);
     let sc = status(&mut ac, jc);
-    assert_eq!((sb.state(), sc.state()), ("running", "running"), "{sb:?} {sc:?}");
+    assert_eq!(
+        (sb.state(), sc.state()),
+        ("running", "running"),
+        "{sb:?} {sc:?}"
+    );
     let running: Vec<i64> = status_all(&mut ac)
         .iter()
         .filter(|s| s.state() == "running")
         .map(|s| s.num("id"))
         .collect();
-    assert!(running.contains(&jb) && running.contains(&jc), "{running:?}");
+    assert!(
+        running.contains(&jb) && running.contains(&jc),
+        "{running:?}"
+    );
     wait_status(&mut ac, jb, "some progress", |s| s.num("keys_moved") > 0);
     throttle(&mut ac, 0, 0);
     let sb = finish_done(&a, jb);

@@ -24,22 +24,24 @@ fn move_every_type(opts: &[&str], scale: usize, slot: u32) -> Status {
     ok(&mut ac, &["SET", &bystander, "here"]);
     let before = snap_keys(&mut ac, &keys);
     assert_eq!(before.len(), keys.len(), "all dataset keys exist");
-    let digest_before: Vec<String> = keys
-        .iter()
-        .map(|k| digest_value(&mut ac, k))
-        .collect();
+    let digest_before: Vec<String> = keys.iter().map(|k| digest_value(&mut ac, k)).collect();
 
     let st = migrate_slots_done(&a, &b, opts, &[slot]);
-    assert_eq!(st.num("keys_moved") as usize, keys.len(), "keys_moved: {st:?}");
+    assert_eq!(
+        st.num("keys_moved") as usize,
+        keys.len(),
+        "keys_moved: {st:?}"
+    );
     assert_eq!(st.num("errors"), 0, "{st:?}");
 
     let mut bc = b.conn();
     let after = snap_db(&mut bc);
-    assert_same_data(&before, &after, &format!("target after SLOTS.MIGRATE {opts:?}"));
-    let digest_after: Vec<String> = keys
-        .iter()
-        .map(|k| digest_value(&mut bc, k))
-        .collect();
+    assert_same_data(
+        &before,
+        &after,
+        &format!("target after SLOTS.MIGRATE {opts:?}"),
+    );
+    let digest_after: Vec<String> = keys.iter().map(|k| digest_value(&mut bc, k)).collect();
     assert_eq!(digest_before, digest_after, "DEBUG DIGEST-VALUE per key");
     assert!(
         staging_keys(&mut bc).is_empty(),
@@ -72,7 +74,10 @@ fn every_type_chunked_small_maxbulks() {
     // STREAMMETA, then COMMIT.
     let st = move_every_type(&["MAXBULKS", "50", "MAXBYTES", "4096"], 1, 78);
     assert!(st.num("big_keys") >= 6, "big_keys: {st:?}");
-    assert!(st.num("chunks_sent") > st.num("big_keys"), "chunks_sent: {st:?}");
+    assert!(
+        st.num("chunks_sent") > st.num("big_keys"),
+        "chunks_sent: {st:?}"
+    );
 }
 
 #[test]
@@ -172,7 +177,10 @@ fn ttl_absolute_expiry_and_persistence() {
     let base = now_ms() + 7_200_000;
     for (i, k) in keys.iter().enumerate() {
         if i % 3 == 0 {
-            ok(&mut ac, &["PEXPIREAT", k, &(base + i as i64 * 37).to_string()]);
+            ok(
+                &mut ac,
+                &["PEXPIREAT", k, &(base + i as i64 * 37).to_string()],
+            );
         }
     }
     let before = snap_keys(&mut ac, &keys);
@@ -182,7 +190,11 @@ fn ttl_absolute_expiry_and_persistence() {
     for (i, k) in keys.iter().enumerate() {
         let t = as_int(&ok(&mut bc, &["PEXPIRETIME", k]));
         if i % 3 == 0 {
-            assert_eq!(t, base + i as i64 * 37, "{k}: absolute expiry preserved to the ms");
+            assert_eq!(
+                t,
+                base + i as i64 * 37,
+                "{k}: absolute expiry preserved to the ms"
+            );
         } else {
             assert_eq!(t, -1, "{k}: a key without TTL stays persistent");
         }
@@ -264,7 +276,9 @@ fn keys_expiring_during_a_slow_job() {
     let st = finish(&a, id);
     assert_eq!(st.state(), "done", "{st:?}");
     // After the expiry time, none of those keys exists anywhere.
-    wait_until(Duration::from_secs(5), "expiry time passed", || now_ms() > at + 50);
+    wait_until(Duration::from_secs(5), "expiry time passed", || {
+        now_ms() > at + 50
+    });
     for k in keys.iter().step_by(2) {
         assert_eq!(as_int(&ok(&mut bc, &["EXISTS", k])), 0, "{k} target");
         assert_eq!(as_int(&ok(&mut ac, &["EXISTS", k])), 0, "{k} source");
@@ -295,7 +309,17 @@ fn lfu_frequency_carried() {
     for (i, f) in freqs.iter().enumerate() {
         let k = format!("{{{tag}}}:f{f}");
         let p = if i % 2 == 0 { &ps } else { &pl };
-        ok(&mut ac, &[b"RESTORE".as_slice(), k.as_bytes(), b"0", p, b"FREQ", f.to_string().as_bytes()]);
+        ok(
+            &mut ac,
+            &[
+                b"RESTORE".as_slice(),
+                k.as_bytes(),
+                b"0",
+                p,
+                b"FREQ",
+                f.to_string().as_bytes(),
+            ],
+        );
         keys.push(k);
     }
     let src: Vec<i64> = keys
@@ -329,14 +353,35 @@ fn lru_idle_time_carried() {
     let mut keys = Vec::new();
     for i in idles {
         let k = format!("{{{tag}}}:idle{i}");
-        ok(&mut ac, &[b"RESTORE".as_slice(), k.as_bytes(), b"0", &p, b"IDLETIME", i.to_string().as_bytes()]);
+        ok(
+            &mut ac,
+            &[
+                b"RESTORE".as_slice(),
+                k.as_bytes(),
+                b"0",
+                &p,
+                b"IDLETIME",
+                i.to_string().as_bytes(),
+            ],
+        );
         keys.push(k);
     }
     // A big key (chunked path) with an idle time too.
     let big = format!("{{{tag}}}:bigidle");
     fill_big(&mut ac, &big, "set", 2000);
     let pb = as_bytes(&ok(&mut ac, &["DUMP", &big]));
-    ok(&mut ac, &[b"RESTORE".as_slice(), big.as_bytes(), b"0", &pb, b"REPLACE", b"IDLETIME", b"50000"]);
+    ok(
+        &mut ac,
+        &[
+            b"RESTORE".as_slice(),
+            big.as_bytes(),
+            b"0",
+            &pb,
+            b"REPLACE",
+            b"IDLETIME",
+            b"50000",
+        ],
+    );
     let t0 = std::time::Instant::now();
     migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &[slot]);
     let elapsed = t0.elapsed().as_secs() as i64 + 3;
@@ -370,7 +415,16 @@ fn snapshot_comparison_self_check() {
         let p = dump(&mut ac, k);
         let at = as_int(&ok(&mut ac, &["PEXPIRETIME", k]));
         let ttl = if at < 0 { 0 } else { at };
-        ok(&mut bc, &[b"RESTORE".as_slice(), k.as_bytes(), ttl.to_string().as_bytes(), &p, b"ABSTTL"]);
+        ok(
+            &mut bc,
+            &[
+                b"RESTORE".as_slice(),
+                k.as_bytes(),
+                ttl.to_string().as_bytes(),
+                &p,
+                b"ABSTTL",
+            ],
+        );
     }
     assert_same_data(&before, &snap_db(&mut bc), "DUMP/RESTORE copy");
     let changes: Vec<Vec<&str>> = vec![
@@ -400,9 +454,15 @@ fn snapshot_comparison_self_check() {
     // A PEL change is detected too.
     let k = b"{self}:stream:big".to_vec();
     let old = snap_key(&mut bc, &k).unwrap();
-    let pend = ok(&mut bc, &["XPENDING", "{self}:stream:big", "g1", "-", "+", "1"]);
+    let pend = ok(
+        &mut bc,
+        &["XPENDING", "{self}:stream:big", "g1", "-", "+", "1"],
+    );
     let id = as_string(&as_array(&as_array(&pend)[0])[0]);
     ok(&mut bc, &["XACK", "{self}:stream:big", "g1", &id]);
     let new = snap_key(&mut bc, &k).unwrap();
-    assert!(!key_diff(&old, &new, 10_000).is_empty(), "XACK not detected");
+    assert!(
+        !key_diff(&old, &new, 10_000).is_empty(),
+        "XACK not detected"
+    );
 }
