@@ -602,6 +602,8 @@ fn pct(h: &Histogram<u64>) -> Json {
         "p99_us": h.value_at_quantile(0.99),
         "p999_us": h.value_at_quantile(0.999),
         "max_us": h.max(),
+        "over_1ms": h.count_between(1001, u64::MAX),
+        "over_5ms": h.count_between(5001, u64::MAX),
     })
 }
 
@@ -1215,16 +1217,14 @@ fn main() {
         );
     }
     for r in &runs {
-        let w: Vec<u64> = r["window_max_per_100ms_us"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Json::as_u64).collect())
-            .unwrap_or_default();
+        let d = &r["client_during"];
         println!(
-            "{}: 100-ms intervals of the migration window with a request over 1 ms: {}, over 5 ms: {}, of {}",
+            "{}: client requests during the migration window {}, over 1 ms {}, over 5 ms {}; errors {}",
             r["variant"].as_str().unwrap(),
-            w.iter().filter(|&&x| x > 1000).count(),
-            w.iter().filter(|&&x| x > 5000).count(),
-            w.len()
+            d["requests"],
+            d["over_1ms"],
+            d["over_5ms"],
+            r["client_errors"]
         );
     }
     println!("MB = sum of DUMP payload sizes of the moved keys; max step: the module's max_step_usec (async) or, *, the longest MIGRATE call seen by the harness");
