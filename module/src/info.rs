@@ -60,6 +60,11 @@ extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_
             }) else {
                 return;
             };
+            let mut fields = fields;
+            if let Some(m) = crate::migrate_job::try_with_jobs(|j| j.info_fields()) {
+                fields.extend(m);
+            }
+            fields.extend(crate::restore::info_fields());
             // SAFETY: ctx is the live info context; the CStrings outlive each call.
             unsafe {
                 raw::RedisModule_InfoAddSection.unwrap()(ctx, std::ptr::null());

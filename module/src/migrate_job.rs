@@ -110,6 +110,8 @@ struct Tracked {
     phase: Phase,
     /// A staging key may exist on the target (a chunk was sent).
     staged: bool,
+    /// The link its records travel on.
+    link: usize,
     bytes: u64,
 }
 
@@ -296,6 +298,19 @@ impl Jobs {
         });
     }
 
+    /// INFO fields of the source side.
+    pub fn info_fields(&self) -> Vec<(&'static str, String)> {
+        let sum = |f: fn(&Job) -> u64| self.list.iter().map(f).sum::<u64>().to_string();
+        vec![
+            ("migrate_running_jobs", self.running().count().to_string()),
+            ("migrate_jobs_started", (self.next_id - 1).to_string()),
+            ("migrate_keys_moved", sum(|j| j.stats.keys_moved)),
+            ("migrate_bytes_moved", sum(|j| j.stats.bytes_moved)),
+            ("migrate_keys_in_flight", sum(|j| j.tracked.len() as u64)),
+            ("migrate_keys_frozen", sum(|j| j.frozen.len() as u64)),
+        ]
+    }
+
     /// Marks `key` of `db` as changed, for every running job tracking it.
     pub fn note_change(&mut self, db: usize, key: &[u8]) {
         for j in self.list.iter_mut() {
@@ -439,10 +454,42 @@ impl Job {
                     self.tracked.len()
                 ));
             }
+            let cancelled = state == JobState::Cancelled;
             self.ending = Some(state);
-            for l in &mut self.links {
-                l.conn.close();
+            if cancelled {
+                self.abort_staged();
+            } else {
+                for l in &mut self.links {
+                    l.conn.close();
+                }
             }
+        }
+    }
+
+    /// On cancel, the connections are still good: tell the target to drop
+    /// the staging keys of half-sent big keys now rather than when they
+    /// expire, then let each connection end after that last batch.
+    fn abort_staged(&mut self) {
+        let staged: Vec<(usize, Vec<u8>)> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.staged)
+            .map(|(k, t)| (t.link, k.clone()))
+            .collect();
+        for (i, key) in staged {
+            if let Some(l) = self.links.get_mut(i) {
+                l.builder.abort(&key);
+            }
+        }
+        for l in &mut self.links {
+            l.big.clear();
+            l.building.clear();
+            if !l.builder.is_empty() {
+                // Only ABORTs matter now: chunks of this batch were for
+                // keys being dropped anyway, and replies are not read.
+                let _ = l.conn.send(l.builder.finish(self.source_id.as_bytes()));
+            }
+            l.conn.close_after_queued();
         }
     }
 
@@ -468,6 +515,7 @@ impl Job {
             resends: 0,
             phase: Phase::Queued,
             staged: false,
+            link: 0,
             bytes: 0,
         })
     }
@@ -755,6 +803,7 @@ impl Job {
                 t.phase = Phase::Streaming;
                 t.dirty = false;
                 t.staged = true;
+                t.link = i;
                 t.bytes = 0;
                 let generation = t.generation;
                 self.stats.big_keys += 1;
@@ -782,8 +831,12 @@ impl Job {
             self.requeue(&key);
             return 0;
         }
+        let records_before = self.links[i].builder.records();
         match cursor.step(ctx, limits, &mut self.links[i].builder, deadline) {
             Ok(r) => {
+                // A step may write several records (a group, its consumers,
+                // its pending entries); each gets a reply.
+                let written = self.links[i].builder.records() - records_before;
                 self.stats.chunks_sent += r.chunks;
                 if let Some(t) = self.tracked.get_mut(&key) {
                     t.bytes += r.bytes;
@@ -791,11 +844,11 @@ impl Job {
                         t.phase = Phase::Sent;
                     }
                 }
-                if r.chunks > 0 || r.done || r.bytes > 0 {
+                for n in 0..written {
                     self.links[i].building.push(SentRecord {
-                        key,
+                        key: key.clone(),
                         generation,
-                        last: r.done,
+                        last: r.done && n + 1 == written,
                     });
                 }
                 if !r.done {

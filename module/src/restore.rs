@@ -18,6 +18,7 @@
 //! Every write goes through RM_Call with propagation, so the target's
 //! replicas and AOF receive the batch as one MULTI/EXEC.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::call::{call, call_ok, Propagate, Reply};
@@ -50,6 +51,27 @@ impl Outcome {
             Outcome::Failed(_) => -2,
         }
     }
+}
+
+/// Target-side counters for INFO (main thread only; atomics for Sync).
+static BATCHES: AtomicU64 = AtomicU64::new(0);
+static RECORDS: AtomicU64 = AtomicU64::new(0);
+static REJECTED: AtomicU64 = AtomicU64::new(0);
+static RESTARTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a batch refused by validation.
+pub fn note_rejected() {
+    REJECTED.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn info_fields() -> Vec<(&'static str, String)> {
+    let v = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+    vec![
+        ("restore_batches", v(&BATCHES)),
+        ("restore_records", v(&RECORDS)),
+        ("restore_rejected_batches", v(&REJECTED)),
+        ("restore_restarts", v(&RESTARTS)),
+    ]
 }
 
 pub fn staging_name(source: &[u8], key: &[u8]) -> Vec<u8> {
@@ -105,8 +127,13 @@ pub fn apply(ctx: Ctx, batch: &Batch) -> Vec<Outcome> {
             Ok(o) => o,
             Err(e) => Outcome::Failed(e),
         };
+        if o == Outcome::Restart {
+            RESTARTS.fetch_add(1, Ordering::Relaxed);
+        }
         out.push(o);
     }
+    BATCHES.fetch_add(1, Ordering::Relaxed);
+    RECORDS.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
     out
 }
 

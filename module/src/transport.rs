@@ -61,6 +61,8 @@ pub struct Conn {
     stop: Arc<AtomicBool>,
     socket: Arc<Mutex<Option<TcpStream>>>,
     thread: Option<JoinHandle<()>>,
+    /// Dropping lets the thread finish its queue (close_after_queued).
+    graceful: bool,
 }
 
 impl Conn {
@@ -91,6 +93,7 @@ impl Conn {
             stop,
             socket,
             thread: Some(thread),
+            graceful: false,
         })
     }
 
@@ -111,6 +114,13 @@ impl Conn {
         }
     }
 
+    /// Stops after sending what is queued and reading its replies (bounded
+    /// by TIMEOUT); used to deliver a last ABORT batch on cancel.
+    pub fn close_after_queued(&mut self) {
+        self.batches = None;
+        self.graceful = true;
+    }
+
     /// Whether the thread has ended (after close(), soon).
     pub fn finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
@@ -119,7 +129,11 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.close();
+        if self.graceful {
+            self.batches = None;
+        } else {
+            self.close();
+        }
         if let Some(t) = self.thread.take() {
             // Never wait on the main thread: a thread still connecting ends
             // within TIMEOUT; the cron joins it then (`reap`).

@@ -14,8 +14,10 @@ use crate::wire::{parse_batch, Target};
 pub fn restore(ctx: &Context, args: &[RedisString]) -> RedisResult {
     let bytes: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
     let target = Target::for_server(server_version());
-    let batch = parse_batch(&bytes, target)
-        .map_err(|e| RedisError::String(format!("ERR SLOTS.RESTORE: {e}")))?;
+    let batch = parse_batch(&bytes, target).map_err(|e| {
+        crate::restore::note_rejected();
+        RedisError::String(format!("ERR SLOTS.RESTORE: {e}"))
+    })?;
     let c = Ctx::of(ctx);
     let outcomes = apply(c, &batch);
     // Replies go straight to the client: one element per record.
