@@ -112,6 +112,11 @@ struct Tracked {
     staged: bool,
     /// The link its records travel on.
     link: usize,
+    /// Some record of it was sent: the target may hold a copy.
+    sent: bool,
+    /// It vanished here after being sent: a DEL record is on its way; its
+    /// acknowledgement ends the key's tracking (nothing to delete here).
+    removing: bool,
     bytes: u64,
 }
 
@@ -373,6 +378,10 @@ impl Job {
         self.ended.unwrap_or_else(Instant::now) - self.started
     }
 
+    pub fn is_in_flight(&self, key: &[u8]) -> bool {
+        self.tracked.contains_key(key)
+    }
+
     pub fn keys_in_flight(&self) -> usize {
         self.tracked.len()
     }
@@ -516,6 +525,8 @@ impl Job {
             phase: Phase::Queued,
             staged: false,
             link: 0,
+            sent: false,
+            removing: false,
             bytes: 0,
         })
     }
@@ -589,6 +600,9 @@ impl Job {
             }
             match code {
                 -1 => self.requeue(&key),
+                0 | 1 if last && t.removing => {
+                    self.untrack(&key);
+                }
                 0 | 1 if last => {
                     if t.dirty {
                         self.requeue(&key);
@@ -769,24 +783,45 @@ impl Job {
         let staged = self.tracked.get(&key).is_some_and(|t| t.staged);
         match started {
             Ok(Start::Gone) => {
-                // Deleted or expired meanwhile: nothing to move. A staging
-                // key left by an earlier try is dropped.
+                // Deleted or expired meanwhile: nothing to move. But if an
+                // earlier try reached the target, its copy must go too (a
+                // client's DEL here must not be undone there): ABORT any
+                // staging key, DEL the key, and keep the key tracked --
+                // redirect.rs answers -TRYAGAIN, not -ASK, for it -- until
+                // the target acknowledges.
+                self.stats.keys_skipped += 1;
+                self.frozen.remove(&key);
+                let Some(t) = self.tracked.get_mut(&key).filter(|t| t.sent) else {
+                    self.untrack(&key);
+                    return 0;
+                };
+                t.removing = true;
+                t.phase = Phase::Sent;
+                t.dirty = false;
+                t.link = i;
+                let generation = t.generation;
+                let l = &mut self.links[i];
                 if staged {
-                    let generation = self.tracked.get(&key).map_or(0, |t| t.generation);
-                    self.links[i].builder.abort(&key);
-                    self.links[i].building.push(SentRecord {
+                    l.builder.abort(&key);
+                    l.building.push(SentRecord {
                         key: key.clone(),
                         generation,
                         last: false,
                     });
                 }
-                self.untrack(&key);
-                self.frozen.remove(&key);
-                self.stats.keys_skipped += 1;
+                l.builder.del(&key);
+                l.building.push(SentRecord {
+                    key,
+                    generation,
+                    last: true,
+                });
                 0
             }
             Ok(Start::Whole { bytes }) => {
                 let t = self.track(&key, slot);
+                t.sent = true;
+                t.removing = false;
+                t.link = i;
                 t.phase = Phase::Sent;
                 t.dirty = false;
                 t.bytes = bytes;
@@ -803,6 +838,8 @@ impl Job {
                 t.phase = Phase::Streaming;
                 t.dirty = false;
                 t.staged = true;
+                t.sent = true;
+                t.removing = false;
                 t.link = i;
                 t.bytes = 0;
                 let generation = t.generation;

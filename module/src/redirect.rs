@@ -181,6 +181,8 @@ pub fn decide(keys: &[(&[u8], bool)], db: Option<usize>) -> Option<Redirect> {
         target: String,
         db: usize,
         frozen: bool,
+        /// The job still tracks it (a copy or a DEL is on its way).
+        in_flight: bool,
     }
     let hits: Vec<Option<Hit>> = with_jobs(|jobs| {
         keys.iter()
@@ -193,6 +195,7 @@ pub fn decide(keys: &[(&[u8], bool)], db: Option<usize>) -> Option<Redirect> {
                         target: j.target.clone(),
                         db: j.db,
                         frozen: j.frozen.contains(*k),
+                        in_flight: j.is_in_flight(k),
                     })
             })
             .collect()
@@ -216,6 +219,10 @@ pub fn decide(keys: &[(&[u8], bool)], db: Option<usize>) -> Option<Redirect> {
         let present = with_state(|s| s.db(h.db).is_some_and(|d| d.contains(h.slot, k)));
         if present {
             here += 1;
+        } else if h.in_flight {
+            // Gone here while the target may not have caught up (a DEL on
+            // its way): sending the client there now could lose its write.
+            return Some(Redirect::TryAgain);
         } else {
             away.push(h);
         }

@@ -338,6 +338,10 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             }
             Ok(Outcome::Applied)
         }
+        Record::Del { key } => {
+            write(ctx, "DEL", &[key])?;
+            Ok(Outcome::Applied)
+        }
         Record::Abort { key } => {
             let stage = staging_name(source, key);
             write(ctx, "DEL", &[&stage])?;

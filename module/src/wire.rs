@@ -150,6 +150,9 @@ pub enum Record<'a> {
     Abort {
         key: &'a [u8],
     },
+    Del {
+        key: &'a [u8],
+    },
 }
 
 impl Record<'_> {
@@ -162,7 +165,8 @@ impl Record<'_> {
             | Record::Pending { key, .. }
             | Record::StreamMeta { key, .. }
             | Record::Commit { key, .. }
-            | Record::Abort { key } => key,
+            | Record::Abort { key }
+            | Record::Del { key } => key,
         }
     }
 }
@@ -447,6 +451,7 @@ pub fn parse_batch<'a>(args: &'a [&'a [u8]], target: Target) -> Result<Batch<'a>
                 lru: r.lru()?,
             },
             b"ABORT" => Record::Abort { key },
+            b"DEL" => Record::Del { key },
             _ => return Err(r.err(format!("unknown opcode '{}'", String::from_utf8_lossy(op)))),
         };
         records.push(rec);
@@ -618,6 +623,10 @@ impl BatchBuilder {
         self.begin(b"ABORT", key);
     }
 
+    pub fn del(&mut self, key: &[u8]) {
+        self.begin(b"DEL", key);
+    }
+
     /// The finished batch; the builder is left empty for the next one.
     pub fn finish(&mut self, source: &[u8]) -> Encoded {
         let mut header = Vec::with_capacity(64);
@@ -726,14 +735,15 @@ mod tests {
         b.stream_meta(b"s", StreamId { ms: 9, seq: 0 }, 4, StreamId::default());
         b.commit(b"h", Kind::Hash, 2, 1_700_000_000_000, Lru::Freq(7));
         b.abort(b"x");
+        b.del(b"y");
         let e = b.finish(b"src-1");
-        assert_eq!(e.records, 9);
+        assert_eq!(e.records, 10);
         let args = split(&e);
         assert_eq!(args[0], COMMAND);
         let refs: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
         let batch = parse_batch(&refs, T).unwrap();
         assert_eq!(batch.source, b"src-1");
-        assert_eq!(batch.records.len(), 9);
+        assert_eq!(batch.records.len(), 10);
         assert!(matches!(
             batch.records[0],
             Record::Dump {
@@ -775,6 +785,7 @@ mod tests {
             }
         ));
         assert_eq!(batch.records[8], Record::Abort { key: b"x" });
+        assert_eq!(batch.records[9], Record::Del { key: b"y" });
     }
 
     #[test]
