@@ -16,7 +16,9 @@
 //! or out of step (anything else: the source restarts the key).
 //!
 //! Every write goes through RM_Call with propagation, so the target's
-//! replicas and AOF receive the batch as one MULTI/EXEC.
+//! replicas and AOF receive the batch as one MULTI/EXEC. Deletes are
+//! UNLINKs: a big value (a staging key of millions of elements) is freed by
+//! the lazyfree thread, not inside the batch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -177,7 +179,7 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
         } => {
             let stage = staging_name(source, key);
             if *offset == 0 {
-                write(ctx, "DEL", &[&stage])?;
+                write(ctx, "UNLINK", &[&stage])?;
             } else {
                 let Some((k, len)) = staging_state(ctx, &stage) else {
                     return Ok(Outcome::Restart);
@@ -321,11 +323,14 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
                 Some((Some(k), len)) if k == *kind && len == *length => {}
                 _ => return Ok(Outcome::Restart),
             }
+            // RENAME would free a replaced value inline; a big one (say, an
+            // older copy of this key) is handed to the lazyfree thread first.
+            write(ctx, "UNLINK", &[key])?;
             write(ctx, "RENAME", &[&stage, key])?;
             if *expire_ms == 0 {
                 write(ctx, "PERSIST", &[key])?;
             } else if *expire_ms <= now_ms() {
-                write(ctx, "DEL", &[key])?;
+                write(ctx, "UNLINK", &[key])?;
                 return Ok(Outcome::Noop);
             } else {
                 write(ctx, "PEXPIREAT", &[key, &int_arg(*expire_ms)])?;
@@ -339,12 +344,12 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             Ok(Outcome::Applied)
         }
         Record::Del { key } => {
-            write(ctx, "DEL", &[key])?;
+            write(ctx, "UNLINK", &[key])?;
             Ok(Outcome::Applied)
         }
         Record::Abort { key } => {
             let stage = staging_name(source, key);
-            write(ctx, "DEL", &[&stage])?;
+            write(ctx, "UNLINK", &[&stage])?;
             Ok(Outcome::Applied)
         }
     }
