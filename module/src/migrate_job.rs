@@ -955,12 +955,21 @@ impl Job {
                 self.maybe_flush(i);
                 continue;
             }
-            let Some(i) = self.pick_link() else {
+            let Some(free) = self.pick_link() else {
                 break;
             };
             let Some(key) = self.next_key() else {
                 break;
             };
+            // Every try of a key goes on the link of its first try: the
+            // target applies one connection's batches in order, so a later
+            // copy can never be overwritten by an earlier one still in
+            // flight (which would make the acknowledged copy stale).
+            let i = self
+                .tracked
+                .get(&key)
+                .filter(|t| t.sent)
+                .map_or(free, |t| t.link);
             let slot = with_state(|s| s.slot(&key));
             let bytes = self.start_key(ctx, key, i, slot);
             throttle.take(1, bytes);
