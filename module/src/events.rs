@@ -276,6 +276,10 @@ unsafe extern "C" fn on_flush(
                 }
             });
             free_in_background(old);
+            // FLUSH fires no per-key events: keys a job has in flight are
+            // gone, so their copies on the target must go as well.
+            let db = (info.dbnum >= 0).then_some(info.dbnum as usize);
+            crate::migrate_job::with_jobs(|j| j.note_flush(db));
         },
     );
 }
@@ -292,7 +296,11 @@ unsafe extern "C" fn on_swapdb(
         || {
             // SAFETY: for this event the server passes a RedisModuleSwapDbInfo.
             let info = unsafe { &*(data as *const raw::RedisModuleSwapDbInfo) };
-            with_state(|s| s.swap_dbs(info.dbnum_first as usize, info.dbnum_second as usize));
+            let (a, b) = (info.dbnum_first as usize, info.dbnum_second as usize);
+            with_state(|s| s.swap_dbs(a, b));
+            crate::migrate_job::with_jobs(|j| {
+                j.stop_for_db(&[a, b], "SWAPDB replaced the database")
+            });
         },
     );
 }

@@ -316,6 +316,26 @@ impl Jobs {
         ]
     }
 
+    /// A FLUSHDB (Some(db)) or FLUSHALL (None): every key in flight changed.
+    pub fn note_flush(&mut self, db: Option<usize>) {
+        for j in self.list.iter_mut() {
+            if j.state == JobState::Running && db.is_none_or(|d| d == j.db) {
+                for t in j.tracked.values_mut() {
+                    t.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Fails the running jobs of these databases.
+    pub fn stop_for_db(&mut self, dbs: &[usize], reason: &str) {
+        for j in self.list.iter_mut() {
+            if dbs.contains(&j.db) {
+                j.stop(JobState::Failed(reason.to_string()));
+            }
+        }
+    }
+
     /// Marks `key` of `db` as changed, for every running job tracking it.
     pub fn note_change(&mut self, db: usize, key: &[u8]) {
         for j in self.list.iter_mut() {
