@@ -811,6 +811,20 @@ fn pipe_cmds(c: &mut Connection, cmds: Vec<Vec<Vec<u8>>>) {
     }
 }
 
+/// `n` pseudo-random (incompressible: DUMP payloads are LZF-compressed)
+/// bytes from `seed`.
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Build a big hash/set/zset/list with `n` elements using batches of 1000.
 pub fn fill_big(c: &mut Connection, key: &str, kind: &str, n: usize) {
     let mut cmds = Vec::new();

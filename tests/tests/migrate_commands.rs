@@ -392,7 +392,11 @@ fn throttle_bytes_per_sec() {
     for i in 0..10 {
         ok(
             &mut ac,
-            &["SET", &format!("{{{tag}}}:{i}"), &"x".repeat(50_000)],
+            &[
+                b"SET".to_vec(),
+                format!("{{{tag}}}:{i}").into_bytes(),
+                noise(i, 50_000),
+            ],
         );
     }
     throttle(&mut ac, 0, 200_000);

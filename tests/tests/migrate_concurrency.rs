@@ -66,6 +66,8 @@ struct Acked {
     big_hset: BTreeSet<String>,
     big_push: Vec<String>,
     strings: BTreeMap<String, String>,
+    /// Where each unique written value was acknowledged (for diagnostics).
+    served: BTreeMap<String, Served>,
     asks: u64,
     tryagains: u64,
     ops: u64,
@@ -100,22 +102,25 @@ fn writer(src: &Server, dst: &Server, n: &Names, w: usize, stop: Arc<AtomicBool>
             1 => {
                 let k = &n.lists[j % NLISTS];
                 let v = format!("w{w}:{i}");
-                let (_, res) = r.exec(&["RPUSH", k.as_str(), v.as_str()]);
+                let (sv, res) = r.exec(&["RPUSH", k.as_str(), v.as_str()]);
                 expect_ok("RPUSH", res);
+                a.served.insert(v.clone(), sv);
                 a.pushes[j % NLISTS].push(v);
             }
             2 => {
                 let k = &n.hashes[j % NHASHES];
                 let f = format!("w{w}:{i}");
-                let (_, res) = r.exec(&["HSET", k.as_str(), f.as_str(), "val"]);
+                let (sv, res) = r.exec(&["HSET", k.as_str(), f.as_str(), "val"]);
                 expect_ok("HSET", res);
+                a.served.insert(f.clone(), sv);
                 a.hset[j % NHASHES].insert(f);
             }
             3 => {
                 let k = &n.sets[j % NSETS];
                 let m = format!("w{w}:{i}");
-                let (_, res) = r.exec(&["SADD", k.as_str(), m.as_str()]);
+                let (sv, res) = r.exec(&["SADD", k.as_str(), m.as_str()]);
                 expect_ok("SADD", res);
+                a.served.insert(m.clone(), sv);
                 a.sadd[j % NSETS].insert(m);
             }
             4 => {
@@ -128,15 +133,17 @@ fn writer(src: &Server, dst: &Server, n: &Names, w: usize, stop: Arc<AtomicBool>
             }
             5 => {
                 let f = format!("w{w}:{i}");
-                let (_, res) = r.exec(&["HSET", n.bighash.as_str(), f.as_str(), "x"]);
+                let (sv, res) = r.exec(&["HSET", n.bighash.as_str(), f.as_str(), "x"]);
                 expect_ok("HSET big", res);
+                a.served.insert(f.clone(), sv);
                 a.big_hset.insert(f);
             }
             _ => {
                 if j % 2 == 0 {
                     let v = format!("w{w}:{i}");
-                    let (_, res) = r.exec(&["RPUSH", n.biglist.as_str(), v.as_str()]);
+                    let (sv, res) = r.exec(&["RPUSH", n.biglist.as_str(), v.as_str()]);
                     expect_ok("RPUSH big", res);
+                    a.served.insert(v.clone(), sv);
                     a.big_push.push(v);
                 } else {
                     // A key that did not exist before the job.
@@ -156,6 +163,32 @@ fn writer(src: &Server, dst: &Server, n: &Names, w: usize, stop: Arc<AtomicBool>
     a.asks = r.asks;
     a.tryagains = r.tryagains;
     a
+}
+
+/// Equal sets, or a panic naming what is missing (acknowledged, not on the
+/// target) and what is extra.
+fn same_members(got: &BTreeSet<String>, want: &BTreeSet<String>, what: &str, acked: &[Acked]) {
+    if got == want {
+        return;
+    }
+    let missing: Vec<String> = want
+        .difference(got)
+        .map(|m| format!("{m} (acknowledged by the {})", where_served(acked, m)))
+        .collect();
+    let extra: Vec<&String> = got.difference(want).collect();
+    panic!(
+        "{what}: {} on the target, {} acknowledged; acknowledged but missing: {missing:?}; extra: {extra:?}",
+        got.len(),
+        want.len()
+    );
+}
+
+fn where_served(acked: &[Acked], v: &str) -> &'static str {
+    match acked.iter().find_map(|a| a.served.get(v)) {
+        Some(Served::Source) => "source",
+        Some(Served::Target) => "target (after -ASK)",
+        None => "?",
+    }
 }
 
 fn populate(c: &mut redis::Connection, n: &Names, fillers: usize) -> Vec<String> {
@@ -254,11 +287,19 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .map(as_string)
             .collect();
         let want_len = 1 + acked.iter().map(|a| a.pushes[li].len()).sum::<usize>();
-        assert_eq!(
-            got.len(),
-            want_len,
-            "{k}: list length vs acknowledged pushes"
-        );
+        if got.len() != want_len {
+            let have: BTreeSet<&String> = got.iter().collect();
+            let missing: Vec<String> = acked
+                .iter()
+                .flat_map(|a| a.pushes[li].iter())
+                .filter(|v| !have.contains(v))
+                .map(|v| format!("{v} (acknowledged by the {})", where_served(&acked, v)))
+                .collect();
+            panic!(
+                "{k}: list length {} vs {want_len} acknowledged pushes (+1 initial); acknowledged but missing: {missing:?}",
+                got.len()
+            );
+        }
         assert_eq!(got[0], "init");
         for (w, a) in acked.iter().enumerate() {
             let mine: Vec<&String> = got
@@ -279,7 +320,7 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .flat_map(|a| a.hset[hi].iter().cloned())
             .collect();
         want.insert("init".into());
-        assert_eq!(got, want, "{k}: hash fields");
+        same_members(&got, &want, &format!("{k}: hash fields"), &acked);
     }
     for (si, k) in n.sets.iter().enumerate() {
         let got: BTreeSet<String> = as_array(&ok(&mut bc, &["SMEMBERS", k.as_str()]))
@@ -291,7 +332,7 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             .flat_map(|a| a.sadd[si].iter().cloned())
             .collect();
         want.insert("init".into());
-        assert_eq!(got, want, "{k}: set members");
+        same_members(&got, &want, &format!("{k}: set members"), &acked);
     }
     // Big hash: the initial fields plus every acknowledged HSET.
     let got = snap_key(&mut bc, n.bighash.as_bytes()).expect("big hash on target");
@@ -307,8 +348,12 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
             want.insert(f.clone().into_bytes(), b"x".to_vec());
         }
     }
-    assert_eq!(got.len(), want.len(), "big hash size");
-    assert!(got == want, "big hash content differs");
+    if got != want {
+        let g: BTreeSet<String> = got.keys().map(|k| show(k)).collect();
+        let w: BTreeSet<String> = want.keys().map(|k| show(k)).collect();
+        same_members(&g, &w, "big hash fields", &acked);
+        panic!("big hash: same fields, different values");
+    }
     // Big list: the initial elements, then each writer's pushes in order.
     let got = snap_key(&mut bc, n.biglist.as_bytes()).expect("big list on target");
     let Content::List(got) = got.content else {
@@ -319,11 +364,20 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
     };
     assert_eq!(&got[..init.len()], &init[..], "big list prefix");
     let pushed: usize = acked.iter().map(|a| a.big_push.len()).sum();
-    assert_eq!(
-        got.len(),
-        init.len() + pushed,
-        "big list length vs acknowledged pushes"
-    );
+    if got.len() != init.len() + pushed {
+        let have: BTreeSet<String> = got.iter().map(|v| show(v)).collect();
+        let missing: Vec<String> = acked
+            .iter()
+            .flat_map(|a| a.big_push.iter())
+            .filter(|v| !have.contains(*v))
+            .map(|v| format!("{v} (acknowledged by the {})", where_served(&acked, v)))
+            .collect();
+        panic!(
+            "big list length {} vs {} (initial + acknowledged pushes); acknowledged but missing: {missing:?}",
+            got.len(),
+            init.len() + pushed
+        );
+    }
     for (w, a) in acked.iter().enumerate() {
         let mine: Vec<Vec<u8>> = got[init.len()..]
             .iter()

@@ -197,7 +197,8 @@ fn no_redirection_after_cancel() {
     let (moved, here) = classify(&mut ac, &mut bc, &keys, H, b.port);
     assert!(!moved.is_empty() && !here.is_empty());
     ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()]);
-    assert_eq!(status(&mut ac, id).state(), "cancelled");
+    let st_at_cancel = status(&mut ac, id);
+    assert_eq!(wait_job(&mut ac, id, 10_000), "cancelled");
     // Moved keys are simply absent on the source now; the rest is served.
     let m = moved[0].as_str();
     assert_eq!(
@@ -208,6 +209,11 @@ fn no_redirection_after_cancel() {
     let h = here.last().unwrap().as_str();
     ok(&mut ac, &["MGET", m, h]);
     assert_eq!(as_string(&ok(&mut ac, &["GET", h])), format!("val:{h}"));
+    assert_eq!(
+        st_at_cancel.state(),
+        "cancelled",
+        "STATUS right after CANCEL replied OK (the job stops at once): {st_at_cancel:?}"
+    );
 }
 
 #[test]
