@@ -21,7 +21,7 @@ fn big_dataset(c: &mut redis::Connection, tag: &str) -> Vec<(String, &'static st
     fill_big(c, &k("zset"), "zset", 50_000);
     fill_big(c, &k("list"), "list", 60_000);
     fill_big(c, &k("stream"), "stream", 20_000);
-    decorate_stream(c, &k("stream"), 20_000);
+    decorate_stream(c, &k("stream"), 20_000, false);
     let s: String = (0..2_000_000)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();

@@ -21,7 +21,12 @@ fn assert_replica_same(p: &Server, r: &Server, ctx: &str) {
         digest(&mut rc),
         "{ctx}: DEBUG DIGEST primary vs replica"
     );
-    assert_same_data(&snap_db(&mut pc), &snap_db(&mut rc), ctx);
+    // entries-read / lag: see without_entries_read (a Redis 7.0 limitation).
+    assert_same_data(
+        &without_entries_read(&snap_db(&mut pc)),
+        &without_entries_read(&snap_db(&mut rc)),
+        ctx,
+    );
     assert_eq!(
         slots_info(&mut pc),
         slots_info(&mut rc),

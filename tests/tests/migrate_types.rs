@@ -466,3 +466,36 @@ fn snapshot_comparison_self_check() {
         "XACK not detected"
     );
 }
+
+/// A consumer group's PEL may hold ids whose stream entries were deleted
+/// (XREADGROUP, then XDEL). DUMP/RESTORE keeps them; the chunked path
+/// (PENDING records) must keep them too.
+#[test]
+fn stream_pel_entry_of_a_deleted_entry() {
+    for opts in [&[][..], &["MAXBULKS", "10"][..]] {
+        let a = Server::start();
+        let b = Server::start();
+        let mut ac = a.conn();
+        let slot = 90;
+        let key = format!("{{{}}}:s", tag_for_slot(H, slot));
+        fill_big(&mut ac, &key, "stream", 100);
+        decorate_stream(&mut ac, &key, 100, true);
+        let before = snap_db(&mut ac);
+        let Content::Stream(s) = &before[key.as_bytes()].content else {
+            panic!()
+        };
+        let g1 = &s.groups[0];
+        assert!(
+            g1.pending
+                .iter()
+                .any(|p| !s.entries.iter().any(|e| e.0 == p.id)),
+            "setup: g1's PEL holds a deleted entry"
+        );
+        migrate_slots_done(&a, &b, opts, &[slot]);
+        assert_same_data(
+            &before,
+            &snap_db(&mut b.conn()),
+            &format!("stream with a PEL entry of a deleted entry, options {opts:?}"),
+        );
+    }
+}
