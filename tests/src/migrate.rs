@@ -1200,6 +1200,24 @@ impl Router {
         }
     }
 
+    /// Like [`Router::exec`] but a `-TRYAGAIN` is returned, not retried.
+    pub fn exec_once<A: redis::ToRedisArgs + std::fmt::Debug>(
+        &mut self,
+        args: &[A],
+    ) -> (Served, RedisResult<Value>) {
+        match run(&mut self.src, args) {
+            Err(e) if e.kind() == ErrorKind::Ask => {
+                self.asks += 1;
+                (Served::Target, run(&mut self.dst, args))
+            }
+            Err(e) if e.kind() == ErrorKind::TryAgain => {
+                self.tryagains += 1;
+                (Served::Source, Err(e))
+            }
+            other => (Served::Source, other),
+        }
+    }
+
     /// Run on the source; on `-ASK slot host:port` run on the target; on
     /// `-TRYAGAIN` sleep a little and retry (up to 60 s). Other errors are
     /// returned.

@@ -303,3 +303,96 @@ fn default_timeout_staging_expiry_is_ten_minutes() {
     assert_eq!(as_int(&ok(&mut bc, &["LLEN", &key])), 60_000);
     assert!(staging_keys(&mut bc).is_empty());
 }
+
+#[test]
+fn big_keys_written_and_deleted_during_transfer() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 104;
+    let tag = tag_for_slot(H, slot);
+    let h = format!("{{{tag}}}:h");
+    let s = format!("{{{tag}}}:s");
+    let l = format!("{{{tag}}}:l");
+    let z = format!("{{{tag}}}:z");
+    fill_big(&mut ac, &h, "hash", 60_000);
+    fill_big(&mut ac, &s, "set", 60_000);
+    fill_big(&mut ac, &l, "list", 60_000);
+    fill_big(&mut ac, &z, "zset", 30_000);
+    let before = snap_db(&mut ac);
+    throttle(&mut ac, 0, 400_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    wait_until(LONG, "a staging key on the target", || {
+        !staging_keys(&mut bc).is_empty()
+    });
+    // Change every key while one of them is half sent.
+    let mut r = Router::new(&a, &b, 0);
+    let mut done = |args: &[&str]| {
+        let (_, res) = r.exec(args);
+        res.unwrap_or_else(|e| panic!("{args:?}: {}", err_text(&e)));
+    };
+    done(&["HSET", &h, "added", "during"]);
+    done(&["HDEL", &h, "field:0"]);
+    done(&["DEL", &s]);
+    done(&["RPUSH", &l, "tail"]);
+    done(&["LPOP", &l]);
+    done(&["ZADD", &z, "inf", "new-max"]);
+    done(&["PEXPIREAT", &z, &(now_ms() + 50_000_000).to_string()]);
+    throttle(&mut ac, 0, 0);
+    let st = finish_done(&a, id);
+    eprintln!("{st:?}");
+    assert!(
+        user_keys(&mut ac).is_empty(),
+        "source keeps keys after a done job"
+    );
+    let after = snap_db(&mut bc);
+    assert!(
+        !after.contains_key(s.as_bytes()),
+        "a set deleted during the job came back on the target"
+    );
+    let Content::Hash(mut want_h) = before[h.as_bytes()].content.clone() else {
+        panic!()
+    };
+    want_h.remove(b"field:0".as_slice());
+    want_h.insert(b"added".to_vec(), b"during".to_vec());
+    let Content::Hash(got_h) = &after[h.as_bytes()].content else {
+        panic!("hash type")
+    };
+    assert!(
+        got_h == &want_h,
+        "hash: {} fields vs {} expected",
+        got_h.len(),
+        want_h.len()
+    );
+    let Content::List(mut want_l) = before[l.as_bytes()].content.clone() else {
+        panic!()
+    };
+    want_l.remove(0);
+    want_l.push(b"tail".to_vec());
+    let Content::List(got_l) = &after[l.as_bytes()].content else {
+        panic!("list type")
+    };
+    assert!(
+        got_l == &want_l,
+        "list: {} elements vs {} expected",
+        got_l.len(),
+        want_l.len()
+    );
+    let Content::ZSet(got_z) = &after[z.as_bytes()].content else {
+        panic!("zset type")
+    };
+    assert_eq!(got_z.len(), 30_001);
+    assert_eq!(
+        got_z.last().unwrap(),
+        &(b"new-max".to_vec(), "inf".to_string())
+    );
+    assert!(
+        after[z.as_bytes()].expire_at_ms > now_ms() + 40_000_000,
+        "expiry set during the job"
+    );
+    assert_eq!(after.len(), 3);
+    assert!(staging_keys(&mut bc).is_empty());
+    assert_exact(&mut ac, H);
+    assert_exact(&mut bc, H);
+}

@@ -471,3 +471,196 @@ fn writers_then_cancel_then_resume() {
         assert_eq!(as_int(&ok(&mut bc, &["GET", k.as_str()])), want, "{k}");
     }
 }
+
+/// The expected state of one key: value and absolute expiry (-1 = none).
+type Model = BTreeMap<String, Option<(String, i64)>>;
+
+/// Keys of writer `w` (in the slots of `tags`), written with initial values.
+fn mutator_init(c: &mut redis::Connection, tags: &[String], w: usize) -> (Vec<String>, Model) {
+    let keys: Vec<String> = (0..40)
+        .map(|i| format!("{{{}}}:m:w{w}:{i}", tags[i % tags.len()]))
+        .collect();
+    let mut model = Model::new();
+    for k in &keys {
+        let v = format!("init:{k}");
+        ok(c, &["SET", k.as_str(), v.as_str()]);
+        model.insert(k.clone(), Some((v, -1)));
+    }
+    (keys, model)
+}
+
+/// One writer over its own keys: SET, DEL, PEXPIREAT (far future), PERSIST,
+/// APPEND, RENAME to a key of the same tag. Every acknowledged command is
+/// applied to the model (and its reply checked against the model).
+fn mutator_run(
+    src: &Server,
+    dst: &Server,
+    keys: &[String],
+    mut model: Model,
+    stride: usize,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> (Model, u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut r = Router::new(src, dst, 0);
+    let base = now_ms() + 10 * 86_400_000;
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let i = rng.gen_range(0..keys.len());
+        let k = keys[i].clone();
+        let cur = model[&k].clone();
+        match rng.gen_range(0..6) {
+            0 => {
+                let v = format!("v{n}");
+                let (_, res) = r.exec(&["SET", k.as_str(), v.as_str()]);
+                res.unwrap_or_else(|e| panic!("SET {k}: {}", err_text(&e)));
+                model.insert(k, Some((v, -1)));
+            }
+            1 => {
+                let (_, res) = r.exec(&["DEL", k.as_str()]);
+                let d = as_int(&res.unwrap_or_else(|e| panic!("DEL {k}: {}", err_text(&e))));
+                assert_eq!(d == 1, cur.is_some(), "DEL {k} replied {d}, model {cur:?}");
+                model.insert(k, None);
+            }
+            2 => {
+                let at = base + rng.gen_range(0..1_000_000i64);
+                let (_, res) = r.exec(&["PEXPIREAT", k.as_str(), &at.to_string()]);
+                let x = as_int(&res.unwrap_or_else(|e| panic!("PEXPIREAT {k}: {}", err_text(&e))));
+                assert_eq!(
+                    x == 1,
+                    cur.is_some(),
+                    "PEXPIREAT {k} replied {x}, model {cur:?}"
+                );
+                if let Some((v, _)) = cur {
+                    model.insert(k, Some((v, at)));
+                }
+            }
+            3 => {
+                let (_, res) = r.exec(&["PERSIST", k.as_str()]);
+                res.unwrap_or_else(|e| panic!("PERSIST {k}: {}", err_text(&e)));
+                if let Some((v, _)) = cur {
+                    model.insert(k, Some((v, -1)));
+                }
+            }
+            4 => {
+                let (_, res) = r.exec(&["APPEND", k.as_str(), "+"]);
+                res.unwrap_or_else(|e| panic!("APPEND {k}: {}", err_text(&e)));
+                let (v, t) = cur.unwrap_or((String::new(), -1));
+                model.insert(k, Some((v + "+", t)));
+            }
+            _ => {
+                // RENAME to another key of the same tag (same slot); the
+                // destination takes the value and the expiry.
+                let j = (i + stride) % keys.len();
+                if cur.is_none() || j == i {
+                    continue;
+                }
+                let to = keys[j].clone();
+                // Keys on both sides -> -TRYAGAIN: not applied, move on.
+                let (_, res) = r.exec_once(&["RENAME", k.as_str(), to.as_str()]);
+                match res {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == redis::ErrorKind::TryAgain => continue,
+                    Err(e) => panic!("RENAME {k} {to}: {}", err_text(&e)),
+                }
+                model.insert(to, cur);
+                model.insert(k, None);
+            }
+        }
+        n += 1;
+        if n % 8 == 0 {
+            thread::sleep(Duration::from_micros(500));
+        }
+    }
+    (model, n)
+}
+
+#[test]
+fn mixed_mutations_follow_the_model() {
+    let seed = seed("mixed_mutations_follow_the_model");
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slots = [220u32, 221];
+    let tags: Vec<String> = slots.iter().map(|&s| tag_for_slot(H, s)).collect();
+    // Filler keys so that the throttled job lasts long enough.
+    for t in &tags {
+        set_many(&mut ac, &tagged_keys(t, 60));
+    }
+    let init: Vec<(Vec<String>, Model)> = (0..2).map(|w| mutator_init(&mut ac, &tags, w)).collect();
+    let total = dbsize(&mut ac) as i64;
+    throttle(&mut ac, 40, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &slots);
+    let stop = Arc::new(AtomicBool::new(false));
+    let models: Vec<(Model, u64)> = thread::scope(|sc| {
+        let hs: Vec<_> = init
+            .iter()
+            .enumerate()
+            .map(|(w, (keys, model))| {
+                let stop = stop.clone();
+                let (a, b, tags) = (&a, &b, &tags);
+                let model = model.clone();
+                sc.spawn(move || {
+                    mutator_run(
+                        a,
+                        b,
+                        keys,
+                        model,
+                        tags.len(),
+                        seed.wrapping_add(w as u64),
+                        stop,
+                    )
+                })
+            })
+            .collect();
+        let mut c = a.conn();
+        wait_status(&mut c, id, "60% of the keys moved", |s| {
+            s.state() != "running" || s.num("keys_moved") * 10 >= total * 6
+        });
+        stop.store(true, Ordering::SeqCst);
+        let models: Vec<(Model, u64)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        let s = status(&mut c, id);
+        assert_eq!(
+            s.state(),
+            "running",
+            "test premise: the job outlives the writers: {s:?}"
+        );
+        models
+    });
+    throttle(&mut ac, 0, 0);
+    finish_done(&a, id);
+    let ops: u64 = models.iter().map(|m| m.1).sum();
+    eprintln!("{ops} acknowledged mutations");
+    assert!(
+        user_keys(&mut ac).is_empty(),
+        "source keeps keys after a done job"
+    );
+    let mut bc = b.conn();
+    for (model, _) in &models {
+        for (k, want) in model {
+            let got = snap_key(&mut bc, k.as_bytes());
+            match (want, got) {
+                (None, None) => {}
+                (None, Some(g)) => panic!("{k}: deleted (acknowledged) but on the target: {g:?}"),
+                (Some((v, _)), None) => panic!("{k}: lost; expected value {v}"),
+                (Some((v, t)), Some(g)) => {
+                    assert_eq!(
+                        g.content,
+                        Content::String(v.clone().into_bytes()),
+                        "{k}: value"
+                    );
+                    assert_eq!(g.expire_at_ms, *t, "{k}: PEXPIRETIME");
+                }
+            }
+        }
+    }
+    assert_eq!(
+        dbsize(&mut bc) as i64,
+        120 + models
+            .iter()
+            .map(|m| m.0.values().filter(|v| v.is_some()).count() as i64)
+            .sum::<i64>()
+    );
+    assert_exact(&mut bc, H);
+}
