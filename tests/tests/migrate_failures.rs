@@ -390,3 +390,89 @@ fn staging_key_lost_mid_transfer_is_resent() {
     assert_eq!(dbsize(&mut ac), 0);
     assert!(staging_keys(&mut bc).is_empty());
 }
+
+#[test]
+fn target_without_the_module() {
+    let a = Server::start();
+    let b = Server::builder().without_module().start();
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[360], 10);
+    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "2000"], &[360]);
+    let s = finish(&a, id);
+    assert_eq!(s.state(), "failed", "{s:?}");
+    error_mentions(&s, &["unknown command", "SLOTS.RESTORE"]);
+    assert_same_data(&before, &snap_db(&mut ac), "source");
+    assert_eq!(dbsize(&mut b.conn()), 0);
+}
+
+#[test]
+fn target_is_a_read_only_replica() {
+    let a = Server::start();
+    let p = Server::start();
+    let r = Server::builder().replica_of(&p).start();
+    wait_replica_sync(&p, &r);
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[361], 10);
+    let id = migrate_slots(&mut ac, r.port, &["TIMEOUT", "2000"], &[361]);
+    let s = finish(&a, id);
+    assert_eq!(s.state(), "failed", "{s:?}");
+    error_mentions(&s, &["READONLY", "read only", "replica"]);
+    assert_same_data(&before, &snap_db(&mut ac), "source");
+    assert_eq!(dbsize(&mut r.conn()), 0);
+}
+
+#[test]
+fn unresolvable_target_host() {
+    let a = Server::start();
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[362], 5);
+    let v = run(
+        &mut ac,
+        &[
+            "SLOTS.MIGRATE",
+            "no-such-host.invalid",
+            "6379",
+            "TIMEOUT",
+            "2000",
+            "SLOTS",
+            "362",
+        ],
+    );
+    match v {
+        Err(e) => assert!(err_text(&e).starts_with("ERR"), "{}", err_text(&e)),
+        Ok(redis::Value::Int(id)) => {
+            let s = finish(&a, id);
+            assert_eq!(s.state(), "failed", "{s:?}");
+            assert!(!s.get("last_error").is_empty(), "{s:?}");
+        }
+        Ok(v) => panic!("unexpected reply {v:?}"),
+    }
+    assert_same_data(&before, &snap_db(&mut ac), "source");
+}
+
+/// Migrating to the server itself must not lose the keys (restore, then
+/// delete the "moved" copy would). Refusing it, or failing the job, are fine.
+#[test]
+fn migrating_to_itself_loses_nothing() {
+    let a = Server::start();
+    let mut ac = a.conn();
+    let before = dataset(&mut ac, &[363], 10);
+    match try_migrate_slots(&mut ac, a.port, &["TIMEOUT", "2000"], &[363]) {
+        Err(e) => eprintln!("refused: {}", err_text(&e)),
+        Ok(redis::Value::Int(id)) => {
+            let st = wait_job(&mut ac, id, 15_000);
+            let s = status(&mut ac, id);
+            if st == "running" {
+                // Stop it so that the data check below sees a quiet server.
+                let _ = run(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()]);
+                let _ = wait_job(&mut ac, id, 10_000);
+            }
+            assert_ne!(
+                st, "running",
+                "a job to the server itself must be refused or fail, not run forever: {s:?}"
+            );
+        }
+        Ok(v) => panic!("unexpected reply {v:?}"),
+    }
+    assert_same_data(&before, &snap_db(&mut ac), "source after a job to itself");
+}

@@ -115,3 +115,45 @@ fn chained_jobs_running_at_once() {
     assert_same_data(&before_y, &snap_db(&mut c.conn()), "C holds Y");
     assert_eq!(dbsize(&mut ac), 0);
 }
+
+/// Two jobs for the same slot to two targets: a second job may be refused;
+/// if both run, every key still ends up on exactly one server, intact.
+#[test]
+fn overlapping_jobs_lose_nothing() {
+    let a = Server::start();
+    let b = Server::start();
+    let c = Server::start();
+    let mut ac = a.conn();
+    let slot = 540u32;
+    let keys = dataset(&mut ac, &[slot], 3);
+    let before = snap_keys(&mut ac, &keys);
+    throttle(&mut ac, 50, 0);
+    let j1 = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let j2 = match try_migrate_slots(&mut ac, c.port, &["MAXBULKS", "100"], &[slot]) {
+        Ok(redis::Value::Int(id)) => Some(id),
+        Ok(v) => panic!("unexpected reply {v:?}"),
+        Err(e) => {
+            eprintln!("second job on a migrating slot refused: {}", err_text(&e));
+            None
+        }
+    };
+    throttle(&mut ac, 0, 0);
+    let s1 = finish(&a, j1);
+    eprintln!("{s1:?}");
+    if let Some(j2) = j2 {
+        eprintln!("{:?}", finish(&a, j2));
+    }
+    let sa = snap_db(&mut ac);
+    let sb = snap_db(&mut b.conn());
+    let sc = snap_db(&mut c.conn());
+    for (k, _) in &before {
+        let n = [&sa, &sb, &sc].iter().filter(|s| s.contains_key(k)).count();
+        assert_eq!(n, 1, "{} is on {n} servers", show(k));
+    }
+    let u = union_consistent(&union_consistent(&sa, &sb, "A+B"), &sc, "A+B+C");
+    assert_same_data(&before, &u, "all servers together");
+    if j2.is_none() {
+        assert_eq!(s1.state(), "done");
+        assert_same_data(&before, &sb, "B");
+    }
+}
