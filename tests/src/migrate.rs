@@ -1029,6 +1029,16 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
     ok(c, &["SET", &add(k("str:raw")), &"r".repeat(100)]);
     ok(c, &["SET", &add(k("str:big")), &"B".repeat(10_000 * scale)]);
     ok(c, &["SETRANGE", &k("str:big"), "5000", "middle\0bytes"]);
+    // Incompressible binary string, and a key whose name has binary bytes.
+    ok(
+        c,
+        &[
+            b"SET".as_slice(),
+            add(k("str:bignoise")).as_bytes(),
+            &noise(7, 8_000 * scale),
+        ],
+    );
+    ok(c, &["SET", &add(k("bin\0name\r\n\u{ff} {x}")), "v"]);
     // Lists.
     ok(c, &["RPUSH", &add(k("list:small")), "a", "b", "c", "a", ""]);
     ok(
@@ -1053,6 +1063,17 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
         ],
     );
     fill_big(c, &add(k("list:big")), "list", 600 * scale);
+    ok(
+        c,
+        &[
+            b"RPUSH".as_slice(),
+            k("list:big").as_bytes(),
+            b"",
+            b"\0",
+            b"\r\n",
+            &noise(1, 300),
+        ],
+    );
     // Sets.
     ok(
         c,
@@ -1081,6 +1102,17 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
     );
     fill_big(c, &add(k("set:big-intset")), "intset", 600 * scale);
     fill_big(c, &add(k("set:big")), "set", 700 * scale);
+    ok(
+        c,
+        &[
+            b"SADD".as_slice(),
+            k("set:big").as_bytes(),
+            b"",
+            b"\0",
+            b"\r\n",
+            &noise(2, 300),
+        ],
+    );
     // Sorted sets.
     let mut z = vec!["ZADD".to_string(), add(k("zset:small"))];
     for (i, s) in SPECIAL_SCORES.iter().enumerate() {
@@ -1116,6 +1148,21 @@ pub fn populate_types(c: &mut Connection, tag: &str, scale: usize) -> Vec<String
         &["HSET", &add(k("hash:bigvalue")), "f", &"v".repeat(200)],
     );
     fill_big(c, &add(k("hash:big")), "hash", 500 * scale);
+    ok(
+        c,
+        &[
+            b"HSET".as_slice(),
+            k("hash:big").as_bytes(),
+            b"",
+            b"empty field",
+            b"\0",
+            b"",
+            b"\r\n",
+            &noise(3, 300),
+            &noise(4, 40),
+            b"binary field",
+        ],
+    );
     // Streams.
     ok(c, &["XADD", &add(k("stream:small")), "1-1", "f", "v"]);
     ok(c, &["XADD", &k("stream:small"), "1-2", "a", "1", "b", "2"]);

@@ -396,3 +396,39 @@ fn big_keys_written_and_deleted_during_transfer() {
     assert_exact(&mut ac, H);
     assert_exact(&mut bc, H);
 }
+
+#[test]
+fn big_key_expiring_mid_transfer_is_not_created() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 105;
+    let tag = tag_for_slot(H, slot);
+    let key = format!("{{{tag}}}:expiring");
+    fill_big(&mut ac, &key, "hash", 100_000);
+    let stays = format!("{{{tag}}}:stays");
+    ok(&mut ac, &["SET", &stays, "x"]);
+    throttle(&mut ac, 0, 300_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    wait_until(LONG, "a staging key for the hash on the target", || {
+        staging_for(&mut bc, &key).is_some()
+    });
+    // It expires while half sent.
+    ok(&mut ac, &["PEXPIRE", &key, "200"]);
+    std::thread::sleep(Duration::from_millis(300));
+    throttle(&mut ac, 0, 0);
+    let st = finish(&a, id);
+    assert_eq!(st.state(), "done", "{st:?}");
+    for _ in 0..5 {
+        assert_eq!(
+            as_int(&ok(&mut bc, &["EXISTS", &key])),
+            0,
+            "a key that expired on the source during its transfer exists on the target"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(as_int(&ok(&mut ac, &["EXISTS", &key])), 0);
+    assert_eq!(as_string(&ok(&mut bc, &["GET", &stays])), "x");
+    assert_eq!(user_keys(&mut bc), vec![stays.into_bytes()]);
+}

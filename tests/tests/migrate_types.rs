@@ -322,11 +322,28 @@ fn lfu_frequency_carried() {
         );
         keys.push(k);
     }
+    // A big key (chunked path: the frequency travels in COMMIT).
+    let big = format!("{{{tag}}}:bigfreq");
+    fill_big(&mut ac, &big, "zset", 3000);
+    let pb = dump(&mut ac, &big);
+    ok(
+        &mut ac,
+        &[
+            b"RESTORE".as_slice(),
+            big.as_bytes(),
+            b"0",
+            &pb,
+            b"REPLACE",
+            b"FREQ",
+            b"150",
+        ],
+    );
+    keys.push(big);
     let src: Vec<i64> = keys
         .iter()
         .map(|k| as_int(&ok(&mut ac, &["OBJECT", "FREQ", k])))
         .collect();
-    migrate_slots_done(&a, &b, &[], &[slot]);
+    migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &[slot]);
     let mut bc = b.conn();
     for (k, s) in keys.iter().zip(src) {
         let t = as_int(&ok(&mut bc, &["OBJECT", "FREQ", k]));
