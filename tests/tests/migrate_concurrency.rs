@@ -664,3 +664,80 @@ fn mixed_mutations_follow_the_model() {
     );
     assert_exact(&mut bc, H);
 }
+
+/// One big hash written in a tight loop for the whole job: the job must still
+/// converge (the key is blocked with -TRYAGAIN while it is finally sent), and
+/// every acknowledged field is on the target.
+#[test]
+fn hot_big_key_converges() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slot = 230;
+    let tag = tag_for_slot(H, slot);
+    let key = format!("{{{tag}}}:hot");
+    fill_big(&mut ac, &key, "hash", 20_000);
+    set_many(&mut ac, &tagged_keys(&tag, 20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let (fields, tries) = thread::scope(|sc| {
+        let h = {
+            let stop = stop.clone();
+            let (a, b, key) = (&a, &b, &key);
+            sc.spawn(move || {
+                let mut r = Router::new(a, b, 0);
+                let mut fields = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let f = format!("hot:{i}");
+                    let (_, res) = r.exec(&["HSET", key.as_str(), f.as_str(), "1"]);
+                    res.unwrap_or_else(|e| panic!("HSET: {}", err_text(&e)));
+                    fields.push(f);
+                    i += 1;
+                }
+                (fields, r.tryagains)
+            })
+        };
+        let s = finish(&a, id);
+        stop.store(true, Ordering::SeqCst);
+        let out = h.join().unwrap();
+        assert_eq!(
+            s.state(),
+            "done",
+            "the job must converge under a hot key: {s:?}"
+        );
+        out
+    });
+    eprintln!("{} HSETs acknowledged, {tries} -TRYAGAIN", fields.len());
+    // After the job, the writer's last HSETs may have gone to the source (no
+    // more redirection once done): route them by hand.
+    let mut bc = b.conn();
+    let on_src: BTreeSet<String> = match snap_key(&mut ac, key.as_bytes()) {
+        Some(KeySnap {
+            content: Content::Hash(h),
+            ..
+        }) => h.keys().map(|k| show(k)).collect(),
+        _ => BTreeSet::new(),
+    };
+    let Some(KeySnap {
+        content: Content::Hash(got),
+        ..
+    }) = snap_key(&mut bc, key.as_bytes())
+    else {
+        panic!("hot key not on the target")
+    };
+    let got: BTreeSet<String> = got.keys().map(|k| show(k)).collect();
+    for f in &fields {
+        assert!(
+            got.contains(f) || on_src.contains(f),
+            "acknowledged field {f} lost"
+        );
+    }
+    // Only writes after the end may be on the source.
+    assert!(
+        on_src.len() < 10_000,
+        "{} fields on the source after the job",
+        on_src.len()
+    );
+    assert!(got.len() >= 20_000, "{}", got.len());
+}

@@ -1261,3 +1261,102 @@ fn batch_is_replicated_as_one_transaction() {
     assert_eq!(as_int(&ok(&mut rc, &["EXISTS", "k"])), 0);
     check(&mut rc);
 }
+
+/// Parse the RESP commands of an AOF file.
+fn aof_commands(data: &[u8]) -> Vec<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let line = |i: &mut usize| -> Vec<u8> {
+        let start = *i;
+        while &data[*i..*i + 2] != b"\r\n" {
+            *i += 1;
+        }
+        let l = data[start..*i].to_vec();
+        *i += 2;
+        l
+    };
+    while i < data.len() {
+        let l = line(&mut i);
+        assert_eq!(l[0], b'*', "AOF: expected an array at {i}");
+        let n: usize = std::str::from_utf8(&l[1..]).unwrap().parse().unwrap();
+        let mut cmd = Vec::new();
+        for _ in 0..n {
+            let l = line(&mut i);
+            assert_eq!(l[0], b'$');
+            let len: usize = std::str::from_utf8(&l[1..]).unwrap().parse().unwrap();
+            cmd.push(data[i..i + len].to_vec());
+            i += len + 2;
+        }
+        out.push(cmd);
+    }
+    out
+}
+
+#[test]
+fn batch_is_one_transaction_in_the_aof() {
+    let helper = Server::builder().without_module().start();
+    let mut hc = helper.conn();
+    ok(&mut hc, &["SET", "s", "hello"]);
+    let ps = dump(&mut hc, "s");
+    let t = Server::builder().appendonly(true).start();
+    let mut c = t.conn();
+    let batch = vec![
+        rec(&[b"DUMP", b"aof1", b"0", b"-", b"0", &ps]),
+        rec(&[b"DUMP", b"aof2", b"0", b"-", b"0", &ps]),
+        rec(&[b"CHUNK", b"aof3", b"list", b"0", b"2", b"a", b"b"]),
+        rec(&[b"COMMIT", b"aof3", b"list", b"2", b"0", b"-", b"0"]),
+    ];
+    assert_eq!(restore_ok(&mut c, "aofjob", &batch), vec![1, 1, 1, 1]);
+    ok(&mut c, &["SET", "after", "1"]);
+    // appendfsync everysec: wait until the write is in the file.
+    let dir = t.dir().join("appendonlydir");
+    let mut cmds = Vec::new();
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the AOF to hold the batch",
+        || {
+            let Some(f) = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with(".incr.aof"))
+            else {
+                return false;
+            };
+            cmds = aof_commands(&std::fs::read(f).unwrap());
+            cmds.iter().any(|c| c.iter().any(|a| a == b"after"))
+        },
+    );
+    let names: Vec<String> = cmds
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c[0]).to_uppercase())
+        .collect();
+    let touches = |c: &Vec<Vec<u8>>, k: &[u8]| c.iter().skip(1).any(|a| a == k);
+    let pos: Vec<usize> = [b"aof1".as_slice(), b"aof2", b"aof3"]
+        .iter()
+        .map(|k| {
+            cmds.iter()
+                .position(|c| touches(c, k))
+                .unwrap_or_else(|| panic!("{} not in the AOF: {names:?}", show(k)))
+        })
+        .collect();
+    let first = *pos.iter().min().unwrap();
+    let last = cmds
+        .iter()
+        .rposition(|c| touches(c, b"aof3") || touches(c, b"aof1") || touches(c, b"aof2"))
+        .unwrap();
+    let multi = names[..first].iter().rposition(|n| n == "MULTI");
+    let exec = names[last..]
+        .iter()
+        .position(|n| n == "EXEC")
+        .map(|p| p + last);
+    assert!(
+        multi.is_some() && exec.is_some(),
+        "the batch's writes are not wrapped in MULTI/EXEC in the AOF: {names:?}"
+    );
+    let (m, e) = (multi.unwrap(), exec.unwrap());
+    assert!(
+        !names[m + 1..e].iter().any(|n| n == "MULTI" || n == "EXEC"),
+        "the batch is split over several transactions: {names:?}"
+    );
+}
