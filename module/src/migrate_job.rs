@@ -286,7 +286,11 @@ impl Jobs {
 
     pub fn add(&mut self, job: Job) {
         self.list.push(job);
-        // Forget the oldest finished jobs beyond KEEP_FINISHED.
+        self.prune();
+    }
+
+    /// Forgets the oldest finished jobs beyond KEEP_FINISHED.
+    pub fn prune(&mut self) {
         let finished = self
             .list
             .iter()
@@ -1002,6 +1006,13 @@ impl Job {
         }
     }
 
+    /// Ends a stopped job at once when nothing is left to delete.
+    pub fn finish_if_stopped(&mut self) {
+        if self.ending.is_some() && self.to_delete.is_empty() {
+            self.finish();
+        }
+    }
+
     fn finish(&mut self) {
         self.state = self.ending.take().unwrap_or(JobState::Done);
         self.ended = Some(Instant::now());
@@ -1087,7 +1098,10 @@ pub fn run(ctx: Ctx, deadline: Instant) -> bool {
             j.list.insert(pos, job);
         });
     }
-    let still = with_jobs(|j| j.any_running());
+    let still = with_jobs(|j| {
+        j.prune();
+        j.any_running()
+    });
     if !still {
         crate::redirect::update();
     }

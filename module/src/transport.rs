@@ -28,6 +28,8 @@ pub struct Endpoint {
     pub auth: Option<(Option<String>, String)>,
     pub timeout: Duration,
     pub db: usize,
+    /// This server's run id: a target answering with it is ourselves.
+    pub own_run_id: String,
 }
 
 impl Endpoint {
@@ -207,6 +209,29 @@ fn simple_reply(r: &mut impl BufRead) -> Result<(), String> {
     }
 }
 
+/// A bulk string reply (INFO).
+fn bulk_reply(r: &mut impl BufRead) -> Result<Vec<u8>, String> {
+    let l = line(r)?;
+    match l.first() {
+        Some(b'$') => {
+            let n = int_of(&l[1..])?;
+            if n < 0 {
+                return Ok(Vec::new());
+            }
+            let mut b = vec![0; n as usize + 2];
+            r.read_exact(&mut b)
+                .map_err(|e| io_err("reading the target's reply", e))?;
+            b.truncate(n as usize);
+            Ok(b)
+        }
+        Some(b'-') => Err(String::from_utf8_lossy(&l[1..]).into_owned()),
+        _ => Err(format!(
+            "unexpected reply '{}'",
+            String::from_utf8_lossy(&l)
+        )),
+    }
+}
+
 fn int_of(l: &[u8]) -> Result<i64, String> {
     std::str::from_utf8(l)
         .ok()
@@ -298,6 +323,17 @@ fn run(
         };
         w.write_all(&cmd).map_err(|e| io_err("sending AUTH", e))?;
         simple_reply(&mut r).map_err(|e| format!("AUTH failed: {e}"))?;
+    }
+    // A job to this very server would delete each key right after
+    // restoring it over itself; refuse it by run id.
+    w.write_all(&command(&[b"INFO", b"server"]))
+        .map_err(|e| io_err("sending INFO", e))?;
+    let info = bulk_reply(&mut r)?;
+    let run_id = String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:").map(|v| v.trim().to_string()));
+    if run_id.is_some_and(|id| !ep.own_run_id.is_empty() && id == ep.own_run_id) {
+        return Err(format!("{} is this server itself", ep.addr()));
     }
     let db = ep.db.to_string();
     w.write_all(&command(&[b"SELECT", db.as_bytes()]))

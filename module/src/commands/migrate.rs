@@ -29,6 +29,7 @@ fn parse_common(
     args: &[RedisString],
     keyword: &str,
     db: usize,
+    own_run_id: String,
 ) -> Result<(Options, usize), RedisError> {
     if args.len() < 5 {
         return Err(RedisError::WrongArity);
@@ -105,6 +106,7 @@ fn parse_common(
         auth,
         timeout: Duration::from_millis(timeout as u64),
         db,
+        own_run_id,
     };
     let opts = Options {
         endpoint,
@@ -127,15 +129,18 @@ fn check_can_migrate() -> Result<(), RedisError> {
     Ok(())
 }
 
+fn run_id(ctx: Ctx) -> String {
+    let info = ffi::server_info(ctx, "server");
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:").map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
 /// `<run id prefix>-<job id>`: unique per job across servers and restarts,
 /// it names the job's staging keys on the target.
 fn source_id(ctx: Ctx, id: u64) -> String {
-    let info = ffi::server_info(ctx, "server");
-    let run_id = String::from_utf8_lossy(&info)
-        .lines()
-        .find_map(|l| l.strip_prefix("run_id:").map(|v| v.trim().to_string()))
-        .unwrap_or_default();
-    let prefix: String = run_id.chars().take(12).collect();
+    let prefix: String = run_id(ctx).chars().take(12).collect();
     format!("{prefix}-{id}")
 }
 
@@ -162,7 +167,7 @@ fn start(ctx: &Context, scope: Scope, opts: Options, db: usize) -> RedisResult {
 pub fn migrate(ctx: &Context, args: &[RedisString]) -> RedisResult {
     check_can_migrate()?;
     let db = ffi::selected_db(Ctx::of(ctx));
-    let (opts, first) = parse_common(args, "SLOTS", db)?;
+    let (opts, first) = parse_common(args, "SLOTS", db, run_id(Ctx::of(ctx)))?;
     let count = with_state(|s| s.slot_count());
     let mut slots = Vec::new();
     let mut seen = HashSet::new();
@@ -199,7 +204,7 @@ pub fn migrate(ctx: &Context, args: &[RedisString]) -> RedisResult {
 pub fn migrate_keys(ctx: &Context, args: &[RedisString]) -> RedisResult {
     check_can_migrate()?;
     let db = ffi::selected_db(Ctx::of(ctx));
-    let (opts, first) = parse_common(args, "KEYS", db)?;
+    let (opts, first) = parse_common(args, "KEYS", db, run_id(Ctx::of(ctx)))?;
     let mut all = HashSet::new();
     let mut queue = VecDeque::new();
     for a in &args[first..] {
@@ -331,6 +336,10 @@ pub fn cancel(_ctx: &Context, args: &[RedisString]) -> RedisResult {
             )));
         }
         job.stop(JobState::Cancelled);
+        // Ends now unless acknowledged keys still wait for their delete
+        // (then the next cron slice ends it).
+        job.finish_if_stopped();
+        j.prune();
         redis_module::logging::log_notice(format!("slots: migration job {id} cancelled"));
         Ok(RedisValue::SimpleStringStatic("OK"))
     })
