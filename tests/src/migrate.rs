@@ -162,7 +162,7 @@ pub fn parse_status(v: &Value) -> Status {
         _ => {
             let a = as_array(v);
             assert!(
-                a.len() % 2 == 0,
+                a.len().is_multiple_of(2),
                 "STATUS must be a flat field/value array, got {v:?}"
             );
             for p in a.chunks(2) {

@@ -139,7 +139,7 @@ fn writer(src: &Server, dst: &Server, n: &Names, w: usize, stop: Arc<AtomicBool>
                 a.big_hset.insert(f);
             }
             _ => {
-                if j % 2 == 0 {
+                if j.is_multiple_of(2) {
                     let v = format!("w{w}:{i}");
                     let (sv, res) = r.exec(&["RPUSH", n.biglist.as_str(), v.as_str()]);
                     expect_ok("RPUSH big", res);
@@ -156,7 +156,7 @@ fn writer(src: &Server, dst: &Server, n: &Names, w: usize, stop: Arc<AtomicBool>
         }
         i += 1;
         a.ops += 1;
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             thread::sleep(Duration::from_micros(300));
         }
     }
@@ -569,7 +569,7 @@ fn mutator_run(
             }
         }
         n += 1;
-        if n % 8 == 0 {
+        if n.is_multiple_of(8) {
             thread::sleep(Duration::from_micros(500));
         }
     }

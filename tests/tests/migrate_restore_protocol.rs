@@ -204,25 +204,37 @@ fn invalid_batches_are_rejected_whole() {
     let b = |parts: &[&[u8]]| -> Vec<Vec<u8>> { parts.iter().map(|p| p.to_vec()).collect() };
     let long_id = "x".repeat(65);
     let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
-        ("version 2", restore_args("2", "src", &[good.clone()])),
-        ("version 0", restore_args("0", "src", &[good.clone()])),
-        ("version x", restore_args("x", "src", &[good.clone()])),
+        (
+            "version 2",
+            restore_args("2", "src", std::slice::from_ref(&good)),
+        ),
+        (
+            "version 0",
+            restore_args("0", "src", std::slice::from_ref(&good)),
+        ),
+        (
+            "version x",
+            restore_args("x", "src", std::slice::from_ref(&good)),
+        ),
         (
             "source-id with a space",
-            restore_args("1", "bad id", &[good.clone()]),
+            restore_args("1", "bad id", std::slice::from_ref(&good)),
         ),
         (
             "source-id of 65 chars",
-            restore_args("1", &long_id, &[good.clone()]),
+            restore_args("1", &long_id, std::slice::from_ref(&good)),
         ),
-        ("empty source-id", restore_args("1", "", &[good.clone()])),
+        (
+            "empty source-id",
+            restore_args("1", "", std::slice::from_ref(&good)),
+        ),
         (
             "source-id with a slash",
-            restore_args("1", "a/b", &[good.clone()]),
+            restore_args("1", "a/b", std::slice::from_ref(&good)),
         ),
         (
             "source-id with braces",
-            restore_args("1", "{x}", &[good.clone()]),
+            restore_args("1", "{x}", std::slice::from_ref(&good)),
         ),
         ("no arguments", b(&[b"SLOTS.RESTORE"])),
         ("no records, no count", b(&[b"SLOTS.RESTORE", b"1", b"src"])),

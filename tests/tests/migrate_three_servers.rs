@@ -146,7 +146,7 @@ fn overlapping_jobs_lose_nothing() {
     let sa = snap_db(&mut ac);
     let sb = snap_db(&mut b.conn());
     let sc = snap_db(&mut c.conn());
-    for (k, _) in &before {
+    for k in before.keys() {
         let n = [&sa, &sb, &sc].iter().filter(|s| s.contains_key(k)).count();
         assert_eq!(n, 1, "{} is on {n} servers", show(k));
     }
