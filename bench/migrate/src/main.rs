@@ -111,6 +111,10 @@ struct Args {
     verify_sample: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// `CONFIG SET name value` on both servers after start, e.g.
+    /// `--config-set slots.step-budget-us=1000` (repeatable)
+    #[arg(long)]
+    config_set: Vec<String>,
 }
 
 // ---------------------------------------------------------------- servers
@@ -839,6 +843,22 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     let src = start(&a.redis_server, &ctx.module);
     let dst = start(&a.redis_server, &ctx.module);
     let mut c = conn(&src).unwrap();
+    for s in [&src, &dst] {
+        let mut cc = conn(s).unwrap();
+        for kv in &a.config_set {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| die("--config-set takes name=value"));
+            if let Err(e) = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(k)
+                .arg(v)
+                .query::<Value>(&mut cc)
+            {
+                die(&format!("CONFIG SET {k} {v}: {e}"));
+            }
+        }
+    }
     // The harness's slot rule must match the module's.
     for k in ctx
         .keys
@@ -1158,7 +1178,7 @@ fn main() {
     // Table.
     println!();
     println!(
-        "scenario {:?}: {} {}, client load {} connections at {} req/s total{}, date {date}",
+        "scenario {:?}: {} {}, client load {} connections at {} req/s total{}{}, date {date}",
         a.scenario,
         if big { a.fields } else { ctx.keys.len() },
         if big { "hash fields" } else { "keys" },
@@ -1167,6 +1187,11 @@ fn main() {
             "unthrottled".to_string()
         } else {
             a.rate.to_string()
+        },
+        if a.config_set.is_empty() {
+            String::new()
+        } else {
+            format!(", config {}", a.config_set.join(" "))
         },
         if a.async_options.is_empty() {
             String::new()
@@ -1273,6 +1298,7 @@ fn main() {
             "keys": ctx.keys.len(), "fields": a.fields, "slots": a.slots, "migrated_slots": ctx.migrate_slots.len(),
             "clients": a.clients, "rate": a.rate, "client_keys": a.client_keys, "idle_secs": a.idle_secs,
             "batch": a.batch, "baseline_keys": a.baseline_keys, "async_options": a.async_options, "seed": a.seed,
+            "config_set": a.config_set,
         },
         "summary": summary,
         "runs": runs,
