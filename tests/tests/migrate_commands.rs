@@ -277,10 +277,18 @@ fn wait_from_several_clients() {
     fill_slots(&mut ac, &[42], 10);
     throttle(&mut ac, 5, 0);
     let id = migrate_slots(&mut ac, b.port, &[], &[42]);
-    let waiters: Vec<_> = (0..3)
-        .map(|_| {
+    // WAIT id 0, WAIT id (no timeout: forever), WAIT id 60000.
+    let waiters: Vec<_> = [Some(0u64), None, Some(60_000)]
+        .into_iter()
+        .map(|t| {
             let mut wc = a.conn();
-            thread::spawn(move || wait_job(&mut wc, id, 0))
+            thread::spawn(move || match t {
+                Some(t) => wait_job(&mut wc, id, t),
+                None => as_string(&ok(
+                    &mut wc,
+                    &["SLOTS.MIGRATE.WAIT".to_string(), id.to_string()],
+                )),
+            })
         })
         .collect();
     thread::sleep(Duration::from_millis(100));
@@ -631,4 +639,83 @@ fn crc16_slot_range() {
     let s = migrate_slots_done(&a, &b, &[], &[16383, 12182]);
     assert_eq!(s.get("slots"), "12182,16383");
     assert_eq!(s.num("keys_moved"), 1);
+}
+
+/// The throttle applies to all jobs together.
+#[test]
+fn throttle_is_shared_by_all_jobs() {
+    let a = Server::start();
+    let b = Server::start();
+    let c = Server::start();
+    let mut ac = a.conn();
+    fill_slots(&mut ac, &[70], 30);
+    fill_slots(&mut ac, &[71], 30);
+    throttle(&mut ac, 20, 0);
+    let t = Instant::now();
+    let j1 = migrate_slots(&mut ac, b.port, &[], &[70]);
+    let j2 = migrate_slots(&mut ac, c.port, &[], &[71]);
+    finish_done(&a, j1);
+    finish_done(&a, j2);
+    let took = t.elapsed();
+    // 60 keys at 20 keys/s for both jobs together: at least (60 - 20) / 20 s.
+    assert!(
+        took >= Duration::from_millis(1900),
+        "two jobs, 60 keys, 20 keys/s in total took {took:?}"
+    );
+}
+
+/// PARALLEL n opens n connections to the target (1 by default).
+#[test]
+fn parallel_opens_that_many_connections() {
+    for (opts, n) in [(&["PARALLEL", "3"][..], 3usize), (&[][..], 1)] {
+        let a = Server::start();
+        let b = Server::start();
+        let mut ac = a.conn();
+        fill_slots(&mut ac, &[72], 40);
+        throttle(&mut ac, 4, 0);
+        let id = migrate_slots(&mut ac, b.port, opts, &[72]);
+        wait_status(&mut ac, id, "6 keys moved", |s| s.num("keys_moved") >= 6);
+        let mut bc = b.conn();
+        let list = as_string(&ok(&mut bc, &["CLIENT", "LIST"]));
+        let others = list.lines().filter(|l| !l.contains("cmd=client")).count();
+        assert_eq!(others, n, "{opts:?}: connections to the target:\n{list}");
+        throttle(&mut ac, 0, 0);
+        finish_done(&a, id);
+    }
+}
+
+/// The connect timeout: a target address that does not answer.
+#[test]
+fn connect_timeout() {
+    let a = Server::start();
+    let mut ac = a.conn();
+    fill_slots(&mut ac, &[73], 5);
+    let d0 = digest(&mut ac);
+    let t = Instant::now();
+    let v = run(
+        &mut ac,
+        &[
+            "SLOTS.MIGRATE",
+            "10.255.255.1",
+            "6379",
+            "TIMEOUT",
+            "500",
+            "SLOTS",
+            "73",
+        ],
+    );
+    match v {
+        Ok(redis::Value::Int(id)) => {
+            let s = finish(&a, id);
+            assert_eq!(s.state(), "failed", "{s:?}");
+            assert!(!s.get("last_error").is_empty(), "{s:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "TIMEOUT 500 bounds the connect: {:?}",
+                t.elapsed()
+            );
+        }
+        other => panic!("SLOTS.MIGRATE must start a job (the failure shows in STATUS): {other:?}"),
+    }
+    assert_eq!(digest(&mut ac), d0);
 }
