@@ -460,7 +460,7 @@ fn migrating_to_itself_loses_nothing() {
     match try_migrate_slots(&mut ac, a.port, &["TIMEOUT", "2000"], &[363]) {
         Err(e) => eprintln!("refused: {}", err_text(&e)),
         Ok(redis::Value::Int(id)) => {
-            let st = wait_job(&mut ac, id, 15_000);
+            let st = wait_job(&mut ac, id, 5_000);
             let s = status(&mut ac, id);
             if st == "running" {
                 // Stop it so that the data check below sees a quiet server.

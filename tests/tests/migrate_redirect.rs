@@ -326,3 +326,80 @@ fn ask_in_a_nonzero_database() {
     assert_eq!(dbsize(&mut bc), 15);
     assert_eq!(dbsize(&mut b.conn()), 0);
 }
+
+/// MULTI/EXEC and scripts must not bypass redirection: a write to a moved
+/// key inside a transaction or a script may fail (ASK, TRYAGAIN, EXECABORT,
+/// a script error), but it must not recreate the key on the source, where
+/// it would then live on two servers.
+#[test]
+fn transactions_and_scripts_do_not_bypass_redirection() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 8;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 20);
+    fill(&mut ac, &keys);
+    throttle(&mut ac, 1, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &[slot]);
+    just_after_a_move(&mut ac, id, 2);
+    let (moved, _) = classify(&mut ac, &mut bc, &keys, H, b.port);
+    let m = moved[0].clone();
+    let m2 = moved[1].clone();
+    // MULTI / SET moved / EXEC.
+    let mut outcomes = Vec::new();
+    let r1 = run(&mut ac, &["MULTI"]);
+    let r2 = run(&mut ac, &["SET", m.as_str(), "from-multi"]);
+    let r3 = run(&mut ac, &["EXEC"]);
+    outcomes.push(format!("MULTI {r1:?} / SET {r2:?} / EXEC {r3:?}"));
+    // EVAL writing a moved key declared in KEYS.
+    let r4 = run(
+        &mut ac,
+        &[
+            "EVAL",
+            "return redis.call('SET', KEYS[1], 'from-script')",
+            "1",
+            m2.as_str(),
+        ],
+    );
+    outcomes.push(format!("EVAL {r4:?}"));
+    // A script writing a moved key it did not declare.
+    let m3 = moved.get(2).cloned();
+    if let Some(m3) = &m3 {
+        let r5 = run(
+            &mut ac,
+            &[
+                "EVAL",
+                "return redis.call('SET', ARGV[1], 'undeclared')",
+                "0",
+                m3.as_str(),
+            ],
+        );
+        outcomes.push(format!("EVAL undeclared {r5:?}"));
+    }
+    eprintln!("{outcomes:#?}");
+    for k in [Some(&m), Some(&m2), m3.as_ref()].into_iter().flatten() {
+        // While the job runs, GET answers ASK if the key is not on the source.
+        match run(&mut ac, &["GET", k.as_str()]) {
+            Err(e) if e.kind() == ErrorKind::Ask => {}
+            other => panic!(
+                "{k} was recreated on the source by a transaction or a script: GET -> {other:?}; {outcomes:?}"
+            ),
+        }
+        assert_eq!(
+            as_string(&ok(&mut bc, &["GET", k.as_str()])),
+            format!("val:{k}"),
+            "{k} on the target"
+        );
+    }
+    throttle(&mut ac, 0, 0);
+    finish_done(&a, id);
+    assert!(
+        user_keys(&mut ac).is_empty(),
+        "{:?}",
+        user_keys(&mut ac)
+            .iter()
+            .map(|k| show(k))
+            .collect::<Vec<_>>()
+    );
+}
