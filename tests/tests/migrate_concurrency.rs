@@ -217,9 +217,15 @@ fn populate(c: &mut redis::Connection, n: &Names, fillers: usize) -> Vec<String>
     keys
 }
 
-fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
+fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64, replicas: bool) {
     let a = Server::start();
     let b = Server::start();
+    let reps = replicas.then(|| {
+        (
+            Server::builder().replica_of(&a).start(),
+            Server::builder().replica_of(&b).start(),
+        )
+    });
     let mut ac = a.conn();
     let slots = [200u32, 201, 202];
     let n = names(&slots);
@@ -406,16 +412,39 @@ fn run_with_writers(opts: &[&str], nwriters: usize, keys_per_sec: u64) {
     assert!(staging_keys(&mut bc).is_empty());
     assert_exact(&mut ac, H);
     assert_exact(&mut bc, H);
+    // Replicas end up with their primaries' data.
+    if let Some((ar, br)) = &reps {
+        for (p, r, what) in [(&a, ar, "source"), (&b, br, "target")] {
+            wait_replica_sync(p, r);
+            let (mut pc, mut rc) = (p.conn(), r.conn());
+            assert_eq!(dbsize(&mut pc), dbsize(&mut rc), "{what} replica DBSIZE");
+            assert_eq!(
+                digest(&mut pc),
+                digest(&mut rc),
+                "{what} replica DEBUG DIGEST"
+            );
+            assert_eq!(
+                slots_info(&mut pc),
+                slots_info(&mut rc),
+                "{what} replica SLOTS.INFO"
+            );
+        }
+    }
 }
 
 #[test]
 fn writers_during_a_job() {
-    run_with_writers(&["MAXBULKS", "100"], 3, 40);
+    run_with_writers(&["MAXBULKS", "100"], 3, 40, false);
 }
 
 #[test]
 fn writers_during_a_parallel_job() {
-    run_with_writers(&["MAXBULKS", "100", "PARALLEL", "3"], 3, 40);
+    run_with_writers(&["MAXBULKS", "100", "PARALLEL", "3"], 3, 40, false);
+}
+
+#[test]
+fn writers_during_a_job_with_replicas() {
+    run_with_writers(&["MAXBULKS", "100", "PARALLEL", "2"], 2, 40, true);
 }
 
 #[test]
