@@ -1372,3 +1372,46 @@ fn batch_is_one_transaction_in_the_aof() {
         "the batch is split over several transactions: {names:?}"
     );
 }
+
+/// Stream chunks are checked by offset (entries sent before the chunk), like
+/// lists: a resent chunk is a duplicate (0), a gap is a restart (-1).
+#[test]
+fn stream_chunk_offsets() {
+    let f = fixture();
+    let mut c = f.t.conn();
+    let sid = "job-so";
+    let ch = |off: &[u8], id: &[u8], v: &[u8]| {
+        rec(&[b"CHUNK", b"Y", b"stream", off, b"1", id, b"1", b"f", v])
+    };
+    assert_eq!(restore_ok(&mut c, sid, &[ch(b"0", b"1-1", b"a")]), vec![1]);
+    assert_eq!(restore_ok(&mut c, sid, &[ch(b"1", b"2-0", b"b")]), vec![1]);
+    assert_eq!(
+        restore_ok(&mut c, sid, &[ch(b"1", b"2-0", b"b")]),
+        vec![0],
+        "resent stream chunk"
+    );
+    assert_eq!(
+        restore_ok(&mut c, sid, &[ch(b"5", b"9-0", b"z")]),
+        vec![-1],
+        "stream chunk past the staging key's end"
+    );
+    // After a restart the source sends from offset 0 again.
+    let r = restore_ok(
+        &mut c,
+        sid,
+        &[
+            ch(b"0", b"1-1", b"a"),
+            ch(b"1", b"2-0", b"b"),
+            rec(&[b"STREAMMETA", b"Y", b"2-0", b"2", b"0-0"]),
+            rec(&[b"COMMIT", b"Y", b"stream", b"2", b"0", b"-", b"0"]),
+        ],
+    );
+    assert_eq!(r, vec![1, 1, 1, 1]);
+    let xr = ok(&mut c, &["XRANGE", "Y", "-", "+"]);
+    let ids: Vec<String> = as_array(&xr)
+        .iter()
+        .map(|e| as_string(&as_array(e)[0]))
+        .collect();
+    assert_eq!(ids, ["1-1", "2-0"]);
+    assert!(staging_keys(&mut c).is_empty());
+}
