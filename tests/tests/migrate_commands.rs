@@ -719,3 +719,53 @@ fn connect_timeout() {
     }
     assert_eq!(digest(&mut ac), d0);
 }
+
+/// MODULE UNLOAD is refused while a job runs (background work pending); the
+/// job goes on.
+#[test]
+fn module_unload_refused_while_a_job_runs() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let keys = fill_slots(&mut ac, &[74], 20);
+    throttle(&mut ac, 5, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &[74]);
+    let e = expect_err(&mut ac, &["MODULE", "UNLOAD", "slots"]);
+    assert!(e.starts_with("ERR"), "{e}");
+    throttle(&mut ac, 0, 0);
+    let s = finish_done(&a, id);
+    assert_eq!(s.num("keys_moved") as usize, keys.len());
+}
+
+/// While clients are paused for writes (CLIENT PAUSE WRITE, as FAILOVER
+/// does), the job deletes nothing on the source (no write reaches the
+/// replication stream), as the server's own expiry and eviction; it goes on
+/// after the pause.
+#[test]
+fn no_deletes_while_writes_are_paused() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let keys = fill_slots(&mut ac, &[75], 30);
+    throttle(&mut ac, 10, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &[75]);
+    wait_status(&mut ac, id, "3 keys moved", |s| s.num("keys_moved") >= 3);
+    ok(&mut ac, &["CLIENT", "PAUSE", "1500", "WRITE"]);
+    let off0 = info(&mut ac, "replication")["master_repl_offset"].clone();
+    let n0 = dbsize(&mut ac);
+    thread::sleep(Duration::from_millis(1000));
+    let off1 = info(&mut ac, "replication")["master_repl_offset"].clone();
+    let n1 = dbsize(&mut ac);
+    ok(&mut ac, &["CLIENT", "UNPAUSE"]);
+    throttle(&mut ac, 0, 0);
+    let s = finish_done(&a, id);
+    assert_eq!(s.num("keys_moved") as usize, keys.len());
+    assert_eq!(
+        n1, n0,
+        "keys deleted on the source during CLIENT PAUSE WRITE"
+    );
+    assert_eq!(
+        off1, off0,
+        "replication offset moved during CLIENT PAUSE WRITE"
+    );
+}
