@@ -432,3 +432,104 @@ fn big_key_expiring_mid_transfer_is_not_created() {
     assert_eq!(as_string(&ok(&mut bc, &["GET", &stays])), "x");
     assert_eq!(user_keys(&mut bc), vec![stays.into_bytes()]);
 }
+
+/// Single elements bigger than MAXBYTES still travel (a chunk holds at
+/// least one element).
+#[test]
+fn elements_bigger_than_maxbytes() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slot = 106;
+    let tag = tag_for_slot(H, slot);
+    let k = |n: &str| format!("{{{tag}}}:{n}");
+    let huge = noise(11, 3_000_000);
+    ok(
+        &mut ac,
+        &[
+            b"HSET".as_slice(),
+            k("h").as_bytes(),
+            b"small",
+            b"1",
+            b"huge",
+            &huge,
+        ],
+    );
+    ok(
+        &mut ac,
+        &[b"RPUSH".as_slice(), k("l").as_bytes(), b"a", &huge, b"b"],
+    );
+    ok(
+        &mut ac,
+        &[b"SADD".as_slice(), k("s").as_bytes(), b"a", &huge],
+    );
+    ok(
+        &mut ac,
+        &[
+            b"ZADD".as_slice(),
+            k("z").as_bytes(),
+            b"1",
+            &huge,
+            b"2",
+            b"m",
+        ],
+    );
+    ok(
+        &mut ac,
+        &[
+            b"SET".as_slice(),
+            k("str").as_bytes(),
+            &noise(12, 5_000_000),
+        ],
+    );
+    ok(
+        &mut ac,
+        &[b"XADD".as_slice(), k("x").as_bytes(), b"1-1", b"f", &huge],
+    );
+    let before = snap_db(&mut ac);
+    let s = migrate_slots_done(&a, &b, &["MAXBULKS", "100", "MAXBYTES", "65536"], &[slot]);
+    assert!(s.num("big_keys") >= 5, "{s:?}");
+    assert_same_data(
+        &before,
+        &snap_db(&mut b.conn()),
+        "elements bigger than MAXBYTES",
+    );
+    assert_eq!(dbsize(&mut ac), 0);
+}
+
+/// A big key replaced by a key of another type while it is half sent: the
+/// target ends with the new value.
+#[test]
+fn big_key_replaced_by_another_type_during_transfer() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let slot = 107;
+    let tag = tag_for_slot(H, slot);
+    let key = format!("{{{tag}}}:morph");
+    fill_big(&mut ac, &key, "hash", 100_000);
+    throttle(&mut ac, 0, 300_000);
+    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    wait_until(LONG, "a staging key for the hash on the target", || {
+        staging_for(&mut bc, &key).is_some()
+    });
+    let mut r = Router::new(&a, &b, 0);
+    let (_, res) = r.exec(&["DEL", key.as_str()]);
+    assert_eq!(as_int(&res.unwrap()), 1);
+    let (_, res) = r.exec(&["RPUSH", key.as_str(), "now", "a", "list"]);
+    assert_eq!(as_int(&res.unwrap()), 3);
+    throttle(&mut ac, 0, 0);
+    let st = finish(&a, id);
+    let on_src = snap_key(&mut ac, key.as_bytes());
+    let on_dst = snap_key(&mut bc, key.as_bytes());
+    let want = Content::List(vec![b"now".to_vec(), b"a".to_vec(), b"list".to_vec()]);
+    assert_eq!(st.state(), "done", "{st:?}");
+    assert!(
+        on_src.is_none() && on_dst.as_ref().map(|k| &k.content) == Some(&want),
+        "after the job: source has {on_src:?}, target has {on_dst:?}; expected the list on the target only; {st:?}"
+    );
+    assert_eq!(st.num("keys_remaining"), 0, "{st:?}");
+    assert!(staging_keys(&mut bc).is_empty());
+    assert_exact(&mut bc, H);
+}
