@@ -497,15 +497,14 @@ fn elements_bigger_than_maxbytes() {
     assert_eq!(dbsize(&mut ac), 0);
 }
 
-/// A big key replaced by a key of another type while it is half sent: the
-/// target ends with the new value.
-#[test]
-fn big_key_replaced_by_another_type_during_transfer() {
+/// A big key deleted and created again (another type, or the same type
+/// with other contents) while it is half sent: the job moves the new key,
+/// the target ends with the new value and the source with nothing.
+fn big_key_recreated_during_transfer(slot: u32, recreate: &[&str], want: Content) {
     let a = Server::start();
     let b = Server::start();
     let mut ac = a.conn();
     let mut bc = b.conn();
-    let slot = 107;
     let tag = tag_for_slot(H, slot);
     let key = format!("{{{tag}}}:morph");
     fill_big(&mut ac, &key, "hash", 100_000);
@@ -517,19 +516,37 @@ fn big_key_replaced_by_another_type_during_transfer() {
     let mut r = Router::new(&a, &b, 0);
     let (_, res) = r.exec(&["DEL", key.as_str()]);
     assert_eq!(as_int(&res.unwrap()), 1);
-    let (_, res) = r.exec(&["RPUSH", key.as_str(), "now", "a", "list"]);
-    assert_eq!(as_int(&res.unwrap()), 3);
+    let mut cmd = vec![recreate[0], key.as_str()];
+    cmd.extend_from_slice(&recreate[1..]);
+    let (served, res) = r.exec(&cmd);
+    res.unwrap_or_else(|e| panic!("{cmd:?}: {}", err_text(&e)));
     throttle(&mut ac, 0, 0);
     let st = finish(&a, id);
     let on_src = snap_key(&mut ac, key.as_bytes());
     let on_dst = snap_key(&mut bc, key.as_bytes());
-    let want = Content::List(vec![b"now".to_vec(), b"a".to_vec(), b"list".to_vec()]);
     assert_eq!(st.state(), "done", "{st:?}");
     assert!(
         on_src.is_none() && on_dst.as_ref().map(|k| &k.content) == Some(&want),
-        "after the job: source has {on_src:?}, target has {on_dst:?}; expected the list on the target only; {st:?}"
+        "after DEL + {cmd:?} (served by the {served:?}) during the transfer: source has {on_src:?}, \
+         target has {on_dst:?}; expected {want:?} on the target only; {st:?}"
     );
     assert_eq!(st.num("keys_remaining"), 0, "{st:?}");
     assert!(staging_keys(&mut bc).is_empty());
     assert_exact(&mut bc, H);
+}
+
+#[test]
+fn big_key_replaced_by_another_type_during_transfer() {
+    big_key_recreated_during_transfer(
+        107,
+        &["RPUSH", "now", "a", "list"],
+        Content::List(vec![b"now".to_vec(), b"a".to_vec(), b"list".to_vec()]),
+    );
+}
+
+#[test]
+fn big_key_recreated_with_the_same_type_during_transfer() {
+    let mut h = std::collections::BTreeMap::new();
+    h.insert(b"only".to_vec(), b"field".to_vec());
+    big_key_recreated_during_transfer(108, &["HSET", "only", "field"], Content::Hash(h));
 }
