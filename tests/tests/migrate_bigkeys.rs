@@ -212,7 +212,8 @@ fn abandoned_transfer_source_killed_leaves_expiring_staging_key() {
     let key = format!("{{{tag}}}:zset");
     fill_big(&mut ac, &key, "zset", 100_000);
     throttle(&mut ac, 0, 300_000);
-    // TIMEOUT 120000: the safety expiry is 10x TIMEOUT = 20 minutes.
+    // The safety expiry is a fixed 10 minutes (MIGRATION.md), whatever the
+    // TIMEOUT: the target cannot know the source's TIMEOUT.
     let _id = migrate_slots(
         &mut ac,
         b.port,
@@ -234,8 +235,8 @@ fn abandoned_transfer_source_killed_leaves_expiring_staging_key() {
     );
     let pttl = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
     assert!(
-        pttl > 600_000 && pttl <= 1_200_000,
-        "staging key safety expiry with TIMEOUT 120000 must be 10x TIMEOUT (1200 s, longer than 10 min): PTTL {pttl}"
+        pttl > 0 && pttl <= 600_000,
+        "staging key safety expiry must be at most 10 minutes: PTTL {pttl}"
     );
     assert_eq!(
         as_string(&ok(&mut bc, &[b"TYPE".as_slice(), &staging])),
@@ -269,7 +270,7 @@ fn default_timeout_staging_expiry_is_ten_minutes() {
     let pttl = as_int(&ok(&mut bc, &[b"PTTL".as_slice(), &staging]));
     assert!(
         pttl > 590_000 && pttl <= 600_000,
-        "default TIMEOUT 10000: safety expiry max(10 min, 10x TIMEOUT) = 600 s, PTTL {pttl}"
+        "safety expiry 10 minutes (600 s), PTTL {pttl}"
     );
     // The staging key is refreshed by every chunk: 2 s later, after another
     // chunk, it is back at about 10 minutes.
@@ -508,8 +509,19 @@ fn big_key_recreated_during_transfer(slot: u32, recreate: &[&str], want: Content
     let tag = tag_for_slot(H, slot);
     let key = format!("{{{tag}}}:morph");
     fill_big(&mut ac, &key, "hash", 100_000);
+    // Another big key, sent after this one, keeps the job running after the
+    // DEL: once a job is done its keys are no longer redirected
+    // (MIGRATION.md, known limits), so the recreating write must come while
+    // the job still runs. A key job keeps the order of its keys.
+    let other = format!("{{{tag}}}:other");
+    fill_big(&mut ac, &other, "hash", 100_000);
     throttle(&mut ac, 0, 300_000);
-    let id = migrate_slots(&mut ac, b.port, &["MAXBULKS", "100"], &[slot]);
+    let id = migrate_keys(
+        &mut ac,
+        b.port,
+        &["MAXBULKS", "100"],
+        &[key.as_bytes(), other.as_bytes()],
+    );
     wait_until(LONG, "a staging key for the hash on the target", || {
         staging_for(&mut bc, &key).is_some()
     });
