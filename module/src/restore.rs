@@ -343,6 +343,17 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             }
             Ok(Outcome::Applied)
         }
+        Record::XDel { key, ids } => {
+            let stage = staging_name(source, key);
+            if staging_state(ctx, &stage).map(|s| s.0) != Some(Some(Kind::Stream)) {
+                return Ok(Outcome::Restart);
+            }
+            let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            let mut args: Vec<&[u8]> = vec![&stage];
+            args.extend(ids.iter().map(|i| i.as_bytes()));
+            write(ctx, "XDEL", &args)?;
+            Ok(Outcome::Applied)
+        }
         Record::Del { key } => {
             write(ctx, "UNLINK", &[key])?;
             Ok(Outcome::Applied)

@@ -15,6 +15,7 @@
 //! tracking (tracking.rs) reports a write, so the cursor only has to handle a
 //! key that is stable between steps, or gone.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use crate::call::{call, call_ok, Propagate};
@@ -111,8 +112,14 @@ pub fn start(
             avg_elem_bytes: avg,
             scan: None,
             last_id: None,
-            phase: Phase::Elements,
+            phase: if kind == Kind::Stream {
+                Phase::FindGhosts { i: 0, after: None }
+            } else {
+                Phase::Elements
+            },
             groups: Vec::new(),
+            ghosts: BTreeSet::new(),
+            ghosts_sent: None,
         })));
     }
     let reply = call(ctx, Propagate::No, "DUMP", &[key])?;
@@ -131,16 +138,30 @@ pub fn start(
 }
 
 enum Phase {
+    /// Streams, first: pending entries of group `i` (after `after`) whose
+    /// stream entry was deleted. XCLAIM cannot create a pending entry for a
+    /// missing id, so such ids travel as placeholder entries ("ghosts")
+    /// among the real ones, get claimed, and are deleted again (XDEL
+    /// record) before the stream's counters are set.
+    FindGhosts {
+        i: usize,
+        after: Option<StreamId>,
+    },
     Elements,
     /// Streams: consumer group `i`, then its consumers and PEL.
     Groups {
         i: usize,
         pel_after: Option<StreamId>,
     },
+    /// Streams: XDEL of the placeholders, MAXBULKS ids per record.
+    DropGhosts,
     Meta,
     Commit,
     Done,
 }
+
+/// Field of a placeholder entry (see Phase::FindGhosts).
+const GHOST_FIELD: &[u8] = b"slotfork-deleted-entry";
 
 struct Group {
     name: Vec<u8>,
@@ -163,6 +184,10 @@ pub struct BigKey {
     last_id: Option<StreamId>,
     phase: Phase,
     groups: Vec<Group>,
+    /// Deleted entries some group still has pending.
+    ghosts: BTreeSet<StreamId>,
+    /// The last placeholder written so far.
+    ghosts_sent: Option<StreamId>,
 }
 
 /// What a cursor step produced.
@@ -215,7 +240,6 @@ impl BigKey {
                 }
                 if finished {
                     self.phase = if self.kind == Kind::Stream {
-                        self.load_groups(ctx)?;
                         Phase::Groups {
                             i: 0,
                             pel_after: None,
@@ -225,9 +249,31 @@ impl BigKey {
                     };
                 }
             }
+            Phase::FindGhosts { i, after } => {
+                if i == 0 && after.is_none() {
+                    self.load_groups(ctx)?;
+                }
+                self.phase = if i >= self.groups.len() {
+                    Phase::Elements
+                } else {
+                    self.find_ghosts(ctx, limits, i, after)?
+                };
+            }
+            Phase::DropGhosts => {
+                let n = limits.max_bulks.max(1) as usize;
+                let ids: Vec<StreamId> = self.ghosts.iter().take(n).copied().collect();
+                if ids.is_empty() {
+                    self.phase = Phase::Meta;
+                } else {
+                    out.xdel(&self.key, &ids);
+                    for id in &ids {
+                        self.ghosts.remove(id);
+                    }
+                }
+            }
             Phase::Groups { i, pel_after } => {
                 if i >= self.groups.len() {
-                    self.phase = Phase::Meta;
+                    self.phase = Phase::DropGhosts;
                 } else {
                     self.phase = self.write_group(ctx, limits, out, i, pel_after)?;
                 }
@@ -353,9 +399,84 @@ impl BigKey {
         Ok(self.sent + b.len() as u64 >= self.length)
     }
 
+    /// Writes placeholders for the ghosts before `upto` (all when None).
+    fn push_ghosts(&mut self, c: &mut ChunkArgs, upto: Option<StreamId>) {
+        let from = self.ghosts_sent;
+        let pending: Vec<StreamId> = self
+            .ghosts
+            .iter()
+            .filter(|g| from.is_none_or(|f| **g > f) && upto.is_none_or(|u| **g < u))
+            .copied()
+            .collect();
+        for g in pending {
+            c.push(g.to_string().as_bytes());
+            c.push(b"1");
+            c.push(GHOST_FIELD);
+            c.push(b"");
+            c.count += 1;
+            self.ghosts_sent = Some(g);
+        }
+    }
+
+    /// One page of group `i`'s pending entries: the ids whose entry is gone.
+    fn find_ghosts(
+        &mut self,
+        ctx: Ctx,
+        limits: Limits,
+        i: usize,
+        after: Option<StreamId>,
+    ) -> Result<Phase, String> {
+        self.open_checked(ctx)?;
+        let start = match after {
+            Some(id) => format!("({id}"),
+            None => "-".to_string(),
+        };
+        let n = limits.max_bulks.max(1);
+        let r = call_ok(
+            ctx,
+            Propagate::No,
+            "XPENDING",
+            &[
+                &self.key,
+                &self.groups[i].name,
+                start.as_bytes(),
+                b"+",
+                n.to_string().as_bytes(),
+            ],
+        )?;
+        let ids: Vec<StreamId> = r
+            .view()
+            .iter()
+            .filter_map(|p| p.at(0).and_then(|id| StreamId::parse(id.bytes())))
+            .collect();
+        for id in &ids {
+            let s = id.to_string();
+            let e = call_ok(
+                ctx,
+                Propagate::No,
+                "XRANGE",
+                &[&self.key, s.as_bytes(), s.as_bytes()],
+            )?;
+            if e.view().is_empty() {
+                self.ghosts.insert(*id);
+            }
+        }
+        Ok(match ids.last() {
+            Some(last) if ids.len() as u64 >= n => Phase::FindGhosts {
+                i,
+                after: Some(*last),
+            },
+            _ => Phase::FindGhosts {
+                i: i + 1,
+                after: None,
+            },
+        })
+    }
+
     fn read_stream(&mut self, ctx: Ctx, limits: Limits, c: &mut ChunkArgs) -> Result<bool, String> {
         self.open_checked(ctx)?;
-        let n = self.range_count(limits).to_string();
+        let count = self.range_count(limits);
+        let n = count.to_string();
         let start = match self.last_id {
             Some(id) => format!("({id}"),
             None => "-".to_string(),
@@ -371,6 +492,9 @@ impl BigKey {
             let (Some(id), Some(fields)) = (entry.at(0), entry.at(1)) else {
                 continue;
             };
+            if !self.ghosts.is_empty() {
+                self.push_ghosts(c, StreamId::parse(id.bytes()));
+            }
             c.push(id.bytes());
             c.push((fields.len() / 2).to_string().as_bytes());
             for f in fields.iter() {
@@ -380,7 +504,13 @@ impl BigKey {
             self.last_id = StreamId::parse(id.bytes());
         }
         self.note_size(c);
-        Ok(v.is_empty() || self.sent + c.count >= self.length)
+        // Fewer entries than asked for: the end of the stream (the length
+        // cannot be used: `sent` counts placeholders too).
+        let end = (v.len() as u64) < count;
+        if end {
+            self.push_ghosts(c, None);
+        }
+        Ok(end)
     }
 
     fn load_groups(&mut self, ctx: Ctx) -> Result<(), String> {

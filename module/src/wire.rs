@@ -153,6 +153,10 @@ pub enum Record<'a> {
     Del {
         key: &'a [u8],
     },
+    XDel {
+        key: &'a [u8],
+        ids: Vec<StreamId>,
+    },
 }
 
 impl Record<'_> {
@@ -166,7 +170,8 @@ impl Record<'_> {
             | Record::StreamMeta { key, .. }
             | Record::Commit { key, .. }
             | Record::Abort { key }
-            | Record::Del { key } => key,
+            | Record::Del { key }
+            | Record::XDel { key, .. } => key,
         }
     }
 }
@@ -452,6 +457,14 @@ pub fn parse_batch<'a>(args: &'a [&'a [u8]], target: Target) -> Result<Batch<'a>
             },
             b"ABORT" => Record::Abort { key },
             b"DEL" => Record::Del { key },
+            b"XDEL" => {
+                let n = r.uint("id count")?;
+                let mut ids = Vec::with_capacity((n as usize).min(args.len()));
+                for _ in 0..n {
+                    ids.push(r.id("entry id")?);
+                }
+                Record::XDel { key, ids }
+            }
             _ => return Err(r.err(format!("unknown opcode '{}'", String::from_utf8_lossy(op)))),
         };
         records.push(rec);
@@ -627,6 +640,14 @@ impl BatchBuilder {
         self.begin(b"DEL", key);
     }
 
+    pub fn xdel(&mut self, key: &[u8], ids: &[StreamId]) {
+        self.begin(b"XDEL", key);
+        self.int(ids.len() as i64);
+        for id in ids {
+            self.arg(id.to_string().as_bytes());
+        }
+    }
+
     /// The finished batch; the builder is left empty for the next one.
     pub fn finish(&mut self, source: &[u8]) -> Encoded {
         let mut header = Vec::with_capacity(64);
@@ -736,14 +757,15 @@ mod tests {
         b.commit(b"h", Kind::Hash, 2, 1_700_000_000_000, Lru::Freq(7));
         b.abort(b"x");
         b.del(b"y");
+        b.xdel(b"s", &[StreamId { ms: 0, seq: 5 }]);
         let e = b.finish(b"src-1");
-        assert_eq!(e.records, 10);
+        assert_eq!(e.records, 11);
         let args = split(&e);
         assert_eq!(args[0], COMMAND);
         let refs: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
         let batch = parse_batch(&refs, T).unwrap();
         assert_eq!(batch.source, b"src-1");
-        assert_eq!(batch.records.len(), 10);
+        assert_eq!(batch.records.len(), 11);
         assert!(matches!(
             batch.records[0],
             Record::Dump {
@@ -786,6 +808,13 @@ mod tests {
         ));
         assert_eq!(batch.records[8], Record::Abort { key: b"x" });
         assert_eq!(batch.records[9], Record::Del { key: b"y" });
+        assert_eq!(
+            batch.records[10],
+            Record::XDel {
+                key: b"s",
+                ids: vec![StreamId { ms: 0, seq: 5 }]
+            }
+        );
     }
 
     #[test]

@@ -1147,16 +1147,53 @@ fn chunked_stream_with_group_consumer_pending_meta() {
             b"PENDING", b"X", b"g", b"2", b"1-1", b"alice", b"1000", b"3", b"0-5", b"bob", b"0",
             b"1",
         ]),
+        // 0-5 was deleted but is pending: the source sends a placeholder
+        // entry for it (first in the chunk) and deletes it once claimed.
+        rec(&[b"XDEL", b"X", b"1", b"0-5"]),
         rec(&[b"STREAMMETA", b"X", b"5-0", b"10", b"0-5"]),
         rec(&[b"COMMIT", b"X", b"stream", b"2", b"0", b"-", b"0"]),
     ];
     let pairs = rec(&[
-        b"CHUNK", b"X", b"stream", b"0", b"2", b"1-1", b"1", b"f", b"v", b"2-0", b"2", b"a", b"1",
-        b"b", b"2",
+        b"CHUNK",
+        b"X",
+        b"stream",
+        b"0",
+        b"3",
+        b"0-5",
+        b"1",
+        b"slotfork-deleted-entry",
+        b"",
+        b"1-1",
+        b"1",
+        b"f",
+        b"v",
+        b"2-0",
+        b"2",
+        b"a",
+        b"1",
+        b"b",
+        b"2",
     ]);
     let elems = rec(&[
-        b"CHUNK", b"X", b"stream", b"0", b"2", b"1-1", b"2", b"f", b"v", b"2-0", b"4", b"a", b"1",
-        b"b", b"2",
+        b"CHUNK",
+        b"X",
+        b"stream",
+        b"0",
+        b"3",
+        b"0-5",
+        b"2",
+        b"slotfork-deleted-entry",
+        b"",
+        b"1-1",
+        b"2",
+        b"f",
+        b"v",
+        b"2-0",
+        b"4",
+        b"a",
+        b"1",
+        b"b",
+        b"2",
     ]);
     let mut batch = vec![pairs.clone()];
     batch.extend(tail.iter().cloned());
@@ -1184,7 +1221,7 @@ fn chunked_stream_with_group_consumer_pending_meta() {
             }
         }
     };
-    assert_eq!(r, vec![1; 8]);
+    assert_eq!(r, vec![1; 9]);
     let s = snap_key(&mut c, b"X").expect("stream committed");
     let Content::Stream(s) = s.content else {
         panic!("type")
