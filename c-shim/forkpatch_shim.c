@@ -204,6 +204,10 @@ pid_t fpFork(void) {
     return forkpatch_fork();
 }
 
+int fpForkDeferred(void) {
+    return forkpatch_busy();
+}
+
 void fpChildReaped(pid_t pid) {
     if (pid > 0) forkpatch_child_exited(pid);
 }

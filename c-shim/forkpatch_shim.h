@@ -37,6 +37,14 @@ void fpInit(void);
 /* The fork() used by redisFork(). Returns like fork(). */
 pid_t fpFork(void);
 
+/* 1 while the engine folds the last snapshot back (or a snapshot lives):
+ * a fork now would block the main thread until the fold ends (up to ~1 s
+ * per GiB written during the save). serverCron's own forks (save points,
+ * scheduled BGSAVE / AOF rewrite, replication's pending BGSAVE) check this
+ * and retry on a later cron tick instead; forks asked for by a command
+ * (BGSAVE, BGREWRITEAOF, SYNC, module fork) still wait. */
+int fpForkDeferred(void);
+
 /* Call for every child pid returned by waitpid(), whatever its status. */
 void fpChildReaped(pid_t pid);
 

@@ -362,6 +362,102 @@ fn aof_rewrite_and_restart_keep_every_acknowledged_write() {
     );
 }
 
+/// serverCron's own forks do not block the main thread on a running fold
+/// (`fpForkDeferred`): a BGSAVE SCHEDULEd during an AOF rewrite starts only
+/// after the rewrite's fold-back, and the server answers meanwhile (with a
+/// blocking wait, the main thread would sit in fork() for the whole fold and
+/// no INFO could show "folding" with no child). The save is still exact.
+#[test]
+fn scheduled_bgsave_waits_for_the_fold_on_a_later_cron_tick() {
+    let Some(bin) = server_bin() else { return };
+    // -10: the rewrite child sleeps ~50 us after one key in ten (~1 s).
+    let s = Server::start(
+        &bin,
+        &["--appendonly", "yes", "--rdb-key-save-delay", "-10"],
+    );
+    populate(&s);
+    s.wait_field("persistence", "aof_rewrite_in_progress", "0");
+    s.wait_not_folding();
+    let w = Writer::start(&s);
+    w.wait_for(1000);
+    let mut c = s.conn();
+    let _: String = redis::cmd("BGREWRITEAOF").query(&mut c).unwrap();
+    // The child has its copy of the delay; the BGSAVE child runs at speed.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("rdb-key-save-delay")
+        .arg(0)
+        .query(&mut c)
+        .unwrap();
+    let r: String = redis::cmd("BGSAVE").arg("SCHEDULE").query(&mut c).unwrap();
+    assert_eq!(r, "Background saving scheduled");
+    // Overwrite random populated keys while the rewrite child lives: every
+    // page written becomes overlay, which makes the fold long enough to see.
+    // Writing on during the fold keeps its rounds going (up to 16).
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut overwrite = |c: &mut redis::Connection, n: usize| {
+        let mut p = redis::pipe();
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            p.cmd("SET")
+                .arg(format!("key:{}", x % BASE_KEYS))
+                .arg("y".repeat(100))
+                .ignore();
+        }
+        let _: () = p.query(c).unwrap();
+    };
+    while s.field("persistence", "aof_rewrite_in_progress") == "1" {
+        overwrite(&mut c, 2000);
+    }
+    let mut deferred_seen = false;
+    let mut started = false;
+    let mut rewrite_fold_us = 0u64;
+    let t = Instant::now();
+    loop {
+        if !started {
+            overwrite(&mut c, 1000);
+        }
+        let info = s.info("persistence");
+        let has = |f: &str| info.lines().any(|l| l.trim_end() == f);
+        if has("rdb_bgsave_in_progress:1") {
+            if !started {
+                started = true;
+                // Until this save folds, the last fold is the rewrite's.
+                rewrite_fold_us = s
+                    .field("persistence", "async_fork_last_fold_usec")
+                    .parse()
+                    .unwrap();
+            }
+        } else if started {
+            break;
+        } else if has("async_fork_state:folding") && has("aof_rewrite_in_progress:0") {
+            deferred_seen = true;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{}", s.log());
+    }
+    assert_eq!(s.field("persistence", "rdb_last_bgsave_status"), "ok");
+    let fork_us: u64 = s.field("stats", "latest_fork_usec").parse().unwrap();
+    let last = w.stop();
+    s.wait_not_folding();
+    eprintln!(
+        "rewrite fold {rewrite_fold_us} us, BGSAVE fork {fork_us} us, saw the deferral: {deferred_seen}"
+    );
+    // A fork that waited for the fold stalls about as long as the fold.
+    assert!(
+        rewrite_fold_us < 20_000 || fork_us * 2 < rewrite_fold_us,
+        "the scheduled BGSAVE's fork waited for the fold"
+    );
+    if !deferred_seen && rewrite_fold_us < 20_000 {
+        eprintln!("inconclusive: the fold was too short to observe");
+    }
+    let rdb = s.dir.path().join("dump.rdb");
+    assert_eq!(check_prefix(&mut s.conn(), BASE_KEYS), last);
+    let seq = check_rdb(&bin, &rdb, BASE_KEYS);
+    assert!(seq > 0 && seq <= last);
+}
+
 #[test]
 fn replica_full_sync_while_writing() {
     let Some(bin) = server_bin() else { return };
