@@ -891,21 +891,21 @@ fn chunked_list_string_hash_set_zset() {
     assert_eq!(r[3..], [1, 1, 1, 1, 1, 1]);
     assert_eq!(as_array(&ok(&mut c, &["HGETALL", "Hh"])).len(), 6);
     assert_eq!(as_int(&ok(&mut c, &["SCARD", "Ss"])), 3);
+    // Scores compared as numbers: Redis 7.0 prints 17 digits, Valkey the
+    // shortest form that round-trips.
     let z: Vec<String> = as_array(&ok(&mut c, &["ZRANGE", "Zz", "0", "-1", "WITHSCORES"]))
         .iter()
         .map(as_string)
         .collect();
-    assert_eq!(
-        z,
-        [
-            "b",
-            "-0.10000000000000001",
-            "a",
-            "1.5",
-            "c",
-            "1.0000000000000001e+300"
-        ]
-    );
+    let members: Vec<&str> = z.iter().step_by(2).map(|s| s.as_str()).collect();
+    let scores: Vec<f64> = z
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(members, ["b", "a", "c"]);
+    assert_eq!(scores, [-0.1, 1.5, 1e300]);
     assert!(staging_keys(&mut c).is_empty());
     check(&mut c);
 }
