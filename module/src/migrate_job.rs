@@ -175,6 +175,15 @@ pub struct Job {
     resend: VecDeque<Vec<u8>>,
     pub frozen: HashSet<Vec<u8>>,
     to_delete: Vec<Vec<u8>>,
+    /// The keys of `to_delete` still to delete. Between an acknowledgement
+    /// and the UNLINK (a later slice, if the budget ran out) such a key is
+    /// treated as moved: redirect.rs sends its clients to the target, which
+    /// holds the acknowledged copy. A write that reaches it here anyway
+    /// (one that bypasses the filter) takes it out of this set: the key is
+    /// sent again instead of deleted.
+    deleting: HashSet<Vec<u8>>,
+    /// Keys taken out of `deleting` by a write, to send again.
+    revived: Vec<Vec<u8>>,
     /// Set when the job must stop; it ends once acknowledged deletes are done.
     ending: Option<JobState>,
     pub stats: JobStats,
@@ -346,6 +355,8 @@ impl Jobs {
             if j.state == JobState::Running && j.db == db {
                 if let Some(t) = j.tracked.get_mut(key) {
                     t.dirty = true;
+                } else if j.deleting.remove(key) {
+                    j.revived.push(key.to_vec());
                 }
             }
         }
@@ -370,6 +381,8 @@ impl Job {
             resend: VecDeque::new(),
             frozen: HashSet::new(),
             to_delete: Vec::new(),
+            deleting: HashSet::new(),
+            revived: Vec::new(),
             ending: None,
             stats: JobStats::default(),
             started_at_ms: now_ms(),
@@ -404,6 +417,24 @@ impl Job {
 
     pub fn is_in_flight(&self, key: &[u8]) -> bool {
         self.tracked.contains_key(key)
+    }
+
+    /// Acknowledged and about to be deleted here: for clients, moved.
+    pub fn is_moved(&self, key: &[u8]) -> bool {
+        self.deleting.contains(key)
+    }
+
+    /// Keys written here after their acknowledgement: tracked again and
+    /// queued, so the target gets the new value (their copy there stays
+    /// until it is replaced).
+    fn revive(&mut self) {
+        for key in std::mem::take(&mut self.revived) {
+            let slot = with_state(|s| s.slot(&key));
+            let t = self.track(&key, slot);
+            t.sent = true;
+            self.stats.keys_moved = self.stats.keys_moved.saturating_sub(1);
+            self.requeue(&key);
+        }
     }
 
     pub fn keys_in_flight(&self) -> usize {
@@ -634,6 +665,7 @@ impl Job {
                         self.stats.keys_moved += 1;
                         self.stats.bytes_moved += t.bytes;
                         self.frozen.remove(&key);
+                        self.deleting.insert(key.clone());
                         self.to_delete.push(key);
                     }
                 }
@@ -653,7 +685,11 @@ impl Job {
                 return;
             }
             let n = self.to_delete.len().min(DELETE_BATCH);
-            let batch: Vec<Vec<u8>> = self.to_delete.drain(..n).collect();
+            let batch: Vec<Vec<u8>> = self
+                .to_delete
+                .drain(..n)
+                .filter(|k| self.deleting.remove(k))
+                .collect();
             if let Err(e) = ffi::unlink(ctx, &batch) {
                 redis_module::logging::log_warning(format!(
                     "slots: migration job {}: deleting moved keys failed: {e}",
@@ -930,6 +966,7 @@ impl Job {
         let t0 = Instant::now();
         let cpu0 = ffi::thread_cpu_usec();
         ffi::select_db(ctx, self.db);
+        self.revive();
         self.take_replies();
         self.delete_acknowledged(ctx, deadline);
         if self.ending.is_none() {
@@ -1020,6 +1057,8 @@ impl Job {
         self.tracked.clear();
         self.tracked_per_slot.clear();
         self.resend.clear();
+        self.deleting.clear();
+        self.revived.clear();
         self.links.clear(); // closes the connections (threads end on their own)
         let (elapsed, moved, bytes) = (
             self.elapsed().as_millis(),

@@ -183,6 +183,8 @@ pub fn decide(keys: &[(&[u8], bool)], db: Option<usize>) -> Option<Redirect> {
         frozen: bool,
         /// The job still tracks it (a copy or a DEL is on its way).
         in_flight: bool,
+        /// Acknowledged, its delete here pending: it lives on the target.
+        moved: bool,
     }
     let hits: Vec<Option<Hit>> = with_jobs(|jobs| {
         keys.iter()
@@ -196,6 +198,7 @@ pub fn decide(keys: &[(&[u8], bool)], db: Option<usize>) -> Option<Redirect> {
                         db: j.db,
                         frozen: j.frozen.contains(*k),
                         in_flight: j.is_in_flight(k),
+                        moved: j.is_moved(k),
                     })
             })
             .collect()
@@ -216,7 +219,7 @@ pub fn decide(keys: &[(&[u8], bool)], db: Option<usize>) -> Option<Redirect> {
         if *write && h.frozen {
             return Some(Redirect::TryAgain);
         }
-        let present = with_state(|s| s.db(h.db).is_some_and(|d| d.contains(h.slot, k)));
+        let present = !h.moved && with_state(|s| s.db(h.db).is_some_and(|d| d.contains(h.slot, k)));
         if present {
             here += 1;
         } else if h.in_flight {
