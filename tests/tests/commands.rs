@@ -353,7 +353,9 @@ fn module_configs() {
         .arg("slots.*")
         .query(&mut c)
         .unwrap();
-    assert_eq!(all.len(), 6, "three slots.* configs: {all:?}");
+    assert_eq!(all.len(), 10, "five slots.* configs: {all:?}");
+    assert_eq!(get(&mut c, "slots.migrate-max-keys-per-sec"), "0");
+    assert_eq!(get(&mut c, "slots.migrate-max-bytes-per-sec"), "0");
 
     ok(&mut c, &["CONFIG", "SET", "slots.step-budget-us", "1000"]);
     assert_eq!(get(&mut c, "slots.step-budget-us"), "1000");
