@@ -475,3 +475,26 @@ pub fn thread_cpu_usec() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
+
+/// A client's current database and whether it is in MULTI.
+pub fn client_db(id: u64) -> Option<(usize, bool)> {
+    let mut ci = raw::RedisModuleClientInfo {
+        version: raw::REDISMODULE_CLIENTINFO_VERSION as u64,
+        flags: 0,
+        id: 0,
+        addr: [0; 46],
+        port: 0,
+        db: 0,
+    };
+    // SAFETY: `ci` is a version-1 client info struct the call fills in.
+    let rc = unsafe {
+        raw::RedisModule_GetClientInfoById.unwrap()(
+            (&mut ci as *mut raw::RedisModuleClientInfo).cast(),
+            id,
+        )
+    };
+    (rc == raw::REDISMODULE_OK as c_int).then_some((
+        ci.db as usize,
+        ci.flags & raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64 != 0,
+    ))
+}

@@ -102,22 +102,7 @@ fn client_db(fctx: *mut raw::RedisModuleCommandFilterCtx) -> Option<usize> {
     let get_id = unsafe { raw::RedisModule_CommandFilterGetClientId }?;
     // SAFETY: the live filter context.
     let id = unsafe { get_id(fctx) };
-    let mut ci = raw::RedisModuleClientInfo {
-        version: raw::REDISMODULE_CLIENTINFO_VERSION as u64,
-        flags: 0,
-        id: 0,
-        addr: [0; 46],
-        port: 0,
-        db: 0,
-    };
-    // SAFETY: `ci` is a version-1 client info struct the call fills in.
-    let rc = unsafe {
-        raw::RedisModule_GetClientInfoById.unwrap()(
-            (&mut ci as *mut raw::RedisModuleClientInfo).cast(),
-            id,
-        )
-    };
-    (rc == raw::REDISMODULE_OK as c_int).then_some(ci.db as usize)
+    ffi::client_db(id).map(|(db, _)| db)
 }
 
 /// The keys of a command and whether each is written, from the server's

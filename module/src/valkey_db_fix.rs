@@ -103,29 +103,6 @@ fn arg(fctx: *mut raw::RedisModuleCommandFilterCtx, i: c_int) -> Vec<u8> {
     unsafe { ffi::string_bytes(raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, i)).to_vec() }
 }
 
-/// The client's current database and whether it is in MULTI.
-fn client_db(id: u64) -> Option<(usize, bool)> {
-    let mut ci = raw::RedisModuleClientInfo {
-        version: raw::REDISMODULE_CLIENTINFO_VERSION as u64,
-        flags: 0,
-        id: 0,
-        addr: [0; 46],
-        port: 0,
-        db: 0,
-    };
-    // SAFETY: `ci` is a version-1 client info struct the call fills in.
-    let rc = unsafe {
-        raw::RedisModule_GetClientInfoById.unwrap()(
-            (&mut ci as *mut raw::RedisModuleClientInfo).cast(),
-            id,
-        )
-    };
-    (rc == raw::REDISMODULE_OK as c_int).then_some((
-        ci.db as usize,
-        ci.flags & raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64 != 0,
-    ))
-}
-
 fn parse_db(v: &[u8]) -> Option<usize> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
@@ -146,7 +123,7 @@ unsafe extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             }
             // SAFETY: the live filter context.
             let client = unsafe { raw::RedisModule_CommandFilterGetClientId.unwrap()(fctx) };
-            let Some((db, in_multi)) = client_db(client) else {
+            let Some((db, in_multi)) = ffi::client_db(client) else {
                 return;
             };
             let args: Vec<Vec<u8>> = (1..argc).map(|i| arg(fctx, i)).collect();
