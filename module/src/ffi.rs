@@ -1,11 +1,12 @@
 //! Thin safe wrappers over the raw module API calls the crate does not wrap,
 //! and the panic guard every callback from the server goes through.
 
-use std::ffi::CString;
 use std::os::raw::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use redis_module::raw;
+
+use crate::call::{self, Propagate};
 
 /// A module context handed to us by the server for the current callback.
 ///
@@ -254,40 +255,11 @@ impl Drop for ScanCursor {
     }
 }
 
-/// The text of a string or error reply.
-///
-/// # Safety
-/// `reply` must be a live call reply.
-unsafe fn reply_text(reply: *mut raw::RedisModuleCallReply) -> Vec<u8> {
-    let mut len = 0;
-    // SAFETY: per the contract; the pointer is valid while the reply lives.
-    unsafe {
-        let p = raw::RedisModule_CallReplyStringPtr.unwrap()(reply, &mut len);
-        if p.is_null() {
-            return Vec::new();
-        }
-        std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec()
-    }
-}
-
 /// The text of `INFO <section>`.
 pub fn server_info(ctx: Ctx, section: &str) -> Vec<u8> {
-    let section = CString::new(section).unwrap_or_default();
-    // SAFETY: ctx is live; the reply is freed before returning.
-    unsafe {
-        let reply = raw::RedisModule_Call.unwrap()(
-            ctx.0,
-            c"INFO".as_ptr(),
-            c"c".as_ptr(),
-            section.as_ptr(),
-        );
-        if reply.is_null() {
-            return Vec::new();
-        }
-        let text = reply_text(reply);
-        raw::RedisModule_FreeCallReply.unwrap()(reply);
-        text
-    }
+    call::call(ctx, Propagate::No, "INFO", &[section.as_bytes()])
+        .map(|r| r.view().bytes().to_vec())
+        .unwrap_or_default()
 }
 
 /// Runs `UNLINK key...` through the server, with propagation to replicas and
@@ -297,37 +269,13 @@ pub fn unlink(ctx: Ctx, keys: &[Vec<u8>]) -> Result<i64, String> {
     if keys.is_empty() {
         return Ok(0);
     }
-    let strings: Vec<OwnedString> = keys.iter().map(|k| OwnedString::new(k)).collect();
-    let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.ptr()).collect();
-    let cmd = CString::new("UNLINK").unwrap();
-    let fmt = CString::new("!v").unwrap();
-    // SAFETY: `argv` holds `argv.len()` live strings for the whole call; the
-    // reply is freed below.
-    unsafe {
-        let reply = raw::RedisModule_Call.unwrap()(
-            ctx.raw(),
-            cmd.as_ptr(),
-            fmt.as_ptr(),
-            argv.as_mut_ptr(),
-            argv.len(),
-        );
-        if reply.is_null() {
-            return Err("UNLINK call failed".into());
-        }
-        let result = if raw::RedisModule_CallReplyType.unwrap()(reply)
-            == raw::REDISMODULE_REPLY_INTEGER as c_int
-        {
-            Ok(raw::RedisModule_CallReplyInteger.unwrap()(reply))
-        } else {
-            let msg = reply_text(reply);
-            Err(if msg.is_empty() {
-                "unexpected reply".to_string()
-            } else {
-                String::from_utf8_lossy(&msg).into_owned()
-            })
-        };
-        raw::RedisModule_FreeCallReply.unwrap()(reply);
-        result
+    let args: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    let r = call::call(ctx, Propagate::Yes, "UNLINK", &args)?;
+    let v = r.view();
+    match v.kind() {
+        call::Kind::Integer => Ok(v.integer()),
+        _ if v.bytes().is_empty() => Err("unexpected reply".into()),
+        _ => Err(v.text()),
     }
 }
 

@@ -25,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::call::{call, call_ok, Propagate, Reply};
 use crate::ffi::{Ctx, Key, KeyType};
+use crate::serializer::kind_of;
 use crate::wire::{Batch, Kind, Lru, Record};
 
 /// How long an untouched staging key lives. Every chunk refreshes it.
@@ -90,18 +91,6 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-fn kind_of(t: KeyType) -> Option<Kind> {
-    Some(match t {
-        KeyType::String => Kind::String,
-        KeyType::List => Kind::List,
-        KeyType::Set => Kind::Set,
-        KeyType::Zset => Kind::Zset,
-        KeyType::Hash => Kind::Hash,
-        KeyType::Stream => Kind::Stream,
-        _ => return None,
-    })
 }
 
 /// The staging key's kind and length, if it exists.

@@ -49,7 +49,8 @@ fn lru_of(k: &Key) -> Lru {
     }
 }
 
-fn kind_of(t: KeyType) -> Option<Kind> {
+/// The chunkable kind of a stored value (None: module types and others).
+pub fn kind_of(t: KeyType) -> Option<Kind> {
     Some(match t {
         KeyType::String => Kind::String,
         KeyType::List => Kind::List,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::wire::Encoded;
+use crate::wire::{command, Encoded};
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
@@ -170,16 +170,6 @@ fn io_err(what: &str, e: std::io::Error) -> String {
         }
         _ => format!("{what}: {e}"),
     }
-}
-
-fn command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// Reads one RESP line without the CRLF.

@@ -503,6 +503,15 @@ impl Encoded {
     }
 }
 
+/// A RESP command (array of bulk strings), as a client sends it.
+pub fn command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        put_bulk(&mut out, a);
+    }
+    out
+}
+
 fn put_bulk(out: &mut Vec<u8>, b: &[u8]) {
     out.push(b'$');
     out.extend_from_slice(itoa(b.len() as i64).as_bytes());
