@@ -31,6 +31,9 @@ static STEP_BUDGET_US: AtomicI64 = AtomicI64::new(500);
 /// migration throttle, all jobs together (0 = unlimited).
 static MIGRATE_KEYS_PER_SEC: AtomicI64 = AtomicI64::new(0);
 static MIGRATE_BYTES_PER_SEC: AtomicI64 = AtomicI64::new(0);
+/// `slots.migrate-max-cpu-percent`: the share of the event loop migration
+/// steps may take while they have more work than one step (cron.rs).
+static MIGRATE_MAX_CPU_PERCENT: AtomicI64 = AtomicI64::new(70);
 
 /// A numeric config (all settable at runtime): name, value, default, range.
 struct Numeric {
@@ -41,7 +44,7 @@ struct Numeric {
     max: i64,
 }
 
-const NUMERIC: [Numeric; 3] = [
+const NUMERIC: [Numeric; 4] = [
     Numeric {
         name: "step-budget-us",
         value: &STEP_BUDGET_US,
@@ -63,6 +66,13 @@ const NUMERIC: [Numeric; 3] = [
         min: 0,
         max: 1 << 40,
     },
+    Numeric {
+        name: "migrate-max-cpu-percent",
+        value: &MIGRATE_MAX_CPU_PERCENT,
+        default: 70,
+        min: 1,
+        max: 100,
+    },
 ];
 
 /// The migration throttle: (keys/s, bytes/s), 0 = unlimited.
@@ -71,6 +81,13 @@ pub fn migrate_rate_limits() -> (u64, u64) {
         MIGRATE_KEYS_PER_SEC.load(Ordering::Relaxed).max(0) as u64,
         MIGRATE_BYTES_PER_SEC.load(Ordering::Relaxed).max(0) as u64,
     )
+}
+
+/// `slots.migrate-max-cpu-percent` (1..=100).
+pub fn migrate_max_cpu_percent() -> u64 {
+    MIGRATE_MAX_CPU_PERCENT
+        .load(Ordering::Relaxed)
+        .clamp(1, 100) as u64
 }
 
 pub fn hash_function() -> HashFunction {
@@ -256,7 +273,7 @@ pub fn validate_module_args(args: &[&[u8]]) -> Result<(), String> {
             }
             _ => {
                 return Err(format!(
-                "unknown module argument '{}' (known: hash-function, index-mode, step-budget-us, migrate-max-keys-per-sec, migrate-max-bytes-per-sec)",
+                "unknown module argument '{}' (known: hash-function, index-mode, step-budget-us, migrate-max-keys-per-sec, migrate-max-bytes-per-sec, migrate-max-cpu-percent)",
                 String::from_utf8_lossy(name)
             ))
             }

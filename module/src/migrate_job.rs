@@ -22,6 +22,7 @@
 //! not yet acknowledged is still on the source, so a new job resumes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -128,6 +129,14 @@ struct SentRecord {
     last: bool,
 }
 
+/// The target's result for one record, waiting to be acted on.
+struct Ack {
+    key: Vec<u8>,
+    generation: u64,
+    last: bool,
+    code: i64,
+}
+
 struct Link {
     conn: Conn,
     builder: BatchBuilder,
@@ -175,6 +184,8 @@ pub struct Job {
     resend: VecDeque<Vec<u8>>,
     pub frozen: HashSet<Vec<u8>>,
     to_delete: Vec<Vec<u8>>,
+    /// Results received and not yet acted on (their keys are still tracked).
+    acks: VecDeque<Ack>,
     /// The keys of `to_delete` still to delete. Between an acknowledgement
     /// and the UNLINK (a later slice, if the budget ran out) such a key is
     /// treated as moved: redirect.rs sends its clients to the target, which
@@ -197,6 +208,65 @@ pub struct Job {
 pub struct Waiter(pub *mut raw::RedisModuleBlockedClient);
 // SAFETY: only used on the main thread; lives in a global behind a Mutex.
 unsafe impl Send for Waiter {}
+
+/// Where one step's time went (for the overrun log line).
+struct StepPhases {
+    last: Instant,
+    /// (count, microseconds) per phase.
+    acks: (usize, u64),
+    deletes: (usize, u64),
+    keys: (usize, u64),
+    big_steps: usize,
+    flush: (usize, u64),
+}
+
+impl Default for StepPhases {
+    fn default() -> Self {
+        StepPhases {
+            last: Instant::now(),
+            acks: (0, 0),
+            deletes: (0, 0),
+            keys: (0, 0),
+            big_steps: 0,
+            flush: (0, 0),
+        }
+    }
+}
+
+impl StepPhases {
+    /// Microseconds since the previous lap.
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = now.duration_since(self.last).as_micros() as u64;
+        self.last = now;
+        us
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} acks in {} us, {} deletes in {} us, {} keys + {} big-key steps serialized in {} us, {} batches sent in {} us",
+            self.acks.0,
+            self.acks.1,
+            self.deletes.0,
+            self.deletes.1,
+            self.keys.0,
+            self.big_steps,
+            self.keys.1,
+            self.flush.0,
+            self.flush.1
+        )
+    }
+}
+
+/// Set by a step that used its whole budget with work left over: the cron
+/// then runs again in the next event-loop iteration instead of after its
+/// 1 ms period (the job is CPU-bound, not waiting for the target).
+static HUNGRY: AtomicBool = AtomicBool::new(false);
+
+/// Whether a step since the last call ran out of time with work left.
+pub fn take_hungry() -> bool {
+    HUNGRY.swap(false, Ordering::Relaxed)
+}
 
 /// All jobs of this server.
 #[derive(Default)]
@@ -381,6 +451,7 @@ impl Job {
             resend: VecDeque::new(),
             frozen: HashSet::new(),
             to_delete: Vec::new(),
+            acks: VecDeque::new(),
             deleting: HashSet::new(),
             revived: Vec::new(),
             ending: None,
@@ -606,10 +677,12 @@ impl Job {
         self.resend.push_back(key.to_vec());
     }
 
-    /// Handles the replies received so far.
+    /// Moves the replies received so far into `acks` (pairing each result
+    /// with its record is cheap; the bookkeeping per key is done by
+    /// `apply_acks`, within the step's deadline).
     fn take_replies(&mut self) {
-        let mut acks: Vec<(Vec<u8>, u64, bool, i64)> = Vec::new();
         let mut failure = None;
+        let acks = &mut self.acks;
         for l in &mut self.links {
             while let Ok(ev) = l.conn.events.try_recv() {
                 match ev {
@@ -628,7 +701,12 @@ impl Job {
                         }
                         for (r, item) in records.into_iter().zip(items) {
                             match item {
-                                Item::Int(code) => acks.push((r.key, r.generation, r.last, code)),
+                                Item::Int(code) => acks.push_back(Ack {
+                                    key: r.key,
+                                    generation: r.generation,
+                                    last: r.last,
+                                    code,
+                                }),
                                 Item::Error(e) => {
                                     failure = Some(format!(
                                         "target failed to restore key '{}': {e}",
@@ -646,7 +724,34 @@ impl Job {
                 }
             }
         }
-        for (key, generation, last, code) in acks {
+        if let Some(e) = failure {
+            self.stop(JobState::Failed(e));
+        }
+    }
+
+    /// Acts on acknowledgements until `deadline` (a full window of replies
+    /// is ~1000 keys: more than one step's worth of bookkeeping); the rest
+    /// waits for the next step, still counted as in flight.
+    fn apply_acks(&mut self, deadline: Instant) {
+        let mut failure = None;
+        let mut n = 0usize;
+        while let Some(Ack {
+            key,
+            generation,
+            last,
+            code,
+        }) = self.acks.pop_front()
+        {
+            n += 1;
+            if n.is_multiple_of(32) && Instant::now() >= deadline {
+                self.acks.push_front(Ack {
+                    key,
+                    generation,
+                    last,
+                    code,
+                });
+                break;
+            }
             let Some(t) = self.tracked.get(&key) else {
                 continue;
             };
@@ -670,7 +775,10 @@ impl Job {
                     }
                 }
                 0 | 1 => {}
-                c => failure = Some(format!("unexpected result {c} from target")),
+                c => {
+                    failure = Some(format!("unexpected result {c} from target"));
+                    break;
+                }
             }
         }
         if let Some(e) = failure {
@@ -965,13 +1073,19 @@ impl Job {
     pub fn step(&mut self, ctx: Ctx, deadline: Instant, throttle: &mut Throttle) -> bool {
         let t0 = Instant::now();
         let cpu0 = ffi::thread_cpu_usec();
+        let mut phases = StepPhases::default();
         ffi::select_db(ctx, self.db);
         self.revive();
         self.take_replies();
+        let acks_before = self.acks.len();
+        self.apply_acks(deadline);
+        phases.acks = (acks_before - self.acks.len(), phases.lap());
+        let deletes_before = self.to_delete.len();
         self.delete_acknowledged(ctx, deadline);
+        phases.deletes = (deletes_before - self.to_delete.len(), phases.lap());
         if self.ending.is_none() {
             self.unpark();
-            self.produce(ctx, deadline, throttle);
+            self.produce(ctx, deadline, throttle, &mut phases);
         }
         if self.ending.is_none()
             && self.scope_exhausted()
@@ -991,15 +1105,32 @@ impl Job {
         self.stats.max_step_usec = self.stats.max_step_usec.max(us);
         let cpu = ffi::thread_cpu_usec().saturating_sub(cpu0);
         self.stats.max_step_cpu_usec = self.stats.max_step_cpu_usec.max(cpu);
-        if self.ending.is_some() && self.to_delete.is_empty() {
+        let budget = config::step_budget().as_micros() as u64;
+        if cpu > 2 * budget.max(500) {
+            // Rare by design; when it happens, say where the time went.
+            redis_module::logging::log_verbose(format!(
+                "slots: migration job {}: step used {cpu} us CPU ({us} us wall, budget {budget} us): {}",
+                self.id,
+                phases.describe()
+            ));
+        }
+        if self.ending.is_some() && self.to_delete.is_empty() && self.acks.is_empty() {
             self.finish();
             return false;
         }
         true
     }
 
-    fn produce(&mut self, ctx: Ctx, deadline: Instant, throttle: &mut Throttle) {
+    fn produce(
+        &mut self,
+        ctx: Ctx,
+        deadline: Instant,
+        throttle: &mut Throttle,
+        phases: &mut StepPhases,
+    ) {
         let mut rr = 0usize;
+        let mut keys = 0usize;
+        let mut chunks = 0usize;
         while Instant::now() < deadline && self.ending.is_none() {
             if !throttle.allows() {
                 break;
@@ -1012,6 +1143,7 @@ impl Job {
             if let Some(i) = big_link {
                 rr = i + 1;
                 let bytes = self.step_big(ctx, i, deadline);
+                chunks += 1;
                 throttle.take(0, bytes);
                 self.maybe_flush(i);
                 continue;
@@ -1033,19 +1165,28 @@ impl Job {
                 .map_or(free, |t| t.link);
             let slot = with_state(|s| s.slot(&key));
             let bytes = self.start_key(ctx, key, i, slot);
+            keys += 1;
             throttle.take(1, bytes);
             self.maybe_flush(i);
         }
+        // Ran out of time with work left: the cron comes back at once.
+        if Instant::now() >= deadline && self.ending.is_none() {
+            HUNGRY.store(true, Ordering::Relaxed);
+        }
+        phases.keys = (keys, phases.lap());
+        phases.big_steps = chunks;
+        let sent = self.stats.batches_sent;
         for i in 0..self.links.len() {
             if self.links[i].has_room() {
                 self.flush(i);
             }
         }
+        phases.flush = ((self.stats.batches_sent - sent) as usize, phases.lap());
     }
 
     /// Ends a stopped job at once when nothing is left to delete.
     pub fn finish_if_stopped(&mut self) {
-        if self.ending.is_some() && self.to_delete.is_empty() {
+        if self.ending.is_some() && self.to_delete.is_empty() && self.acks.is_empty() {
             self.finish();
         }
     }

@@ -181,6 +181,7 @@ pub unsafe extern "C" fn RedisModule_OnUnload(_ctx: *mut raw::RedisModuleCtx) ->
             valkey_db_fix::uninstall();
             redirect::uninstall();
             tracking::reset();
+            cron::shutdown();
             raw::REDISMODULE_OK as c_int
         },
     )

@@ -353,9 +353,21 @@ fn module_configs() {
         .arg("slots.*")
         .query(&mut c)
         .unwrap();
-    assert_eq!(all.len(), 10, "five slots.* configs: {all:?}");
+    assert_eq!(all.len(), 12, "six slots.* configs: {all:?}");
     assert_eq!(get(&mut c, "slots.migrate-max-keys-per-sec"), "0");
     assert_eq!(get(&mut c, "slots.migrate-max-bytes-per-sec"), "0");
+    assert_eq!(get(&mut c, "slots.migrate-max-cpu-percent"), "70");
+    ok(
+        &mut c,
+        &["CONFIG", "SET", "slots.migrate-max-cpu-percent", "100"],
+    );
+    for bad in ["0", "101", "-1", "x"] {
+        expect_err(
+            &mut c,
+            &["CONFIG", "SET", "slots.migrate-max-cpu-percent", bad],
+        );
+    }
+    assert_eq!(get(&mut c, "slots.migrate-max-cpu-percent"), "100");
 
     ok(&mut c, &["CONFIG", "SET", "slots.step-budget-us", "1000"]);
     assert_eq!(get(&mut c, "slots.step-budget-us"), "1000");

@@ -129,6 +129,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // SLOTFORK_BENCH_KEEP_LOGS=1 keeps each server's log (e.g. with
+        // `--config-set loglevel=verbose`, the module's step-overrun lines).
+        if std::env::var_os("SLOTFORK_BENCH_KEEP_LOGS").is_some() {
+            let log = self.dir.join("server.log");
+            let keep = std::env::temp_dir().join(format!("slotfork-bench-{}.log", self.port));
+            if std::fs::copy(&log, &keep).is_ok() {
+                eprintln!("  server log kept: {}", keep.display());
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
