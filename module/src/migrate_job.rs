@@ -47,9 +47,11 @@ const BATCH_RECORDS: usize = 256;
 pub const MAX_RESENDS: u32 = 3;
 /// Finished jobs kept for SLOTS.MIGRATE.STATUS.
 const KEEP_FINISHED: usize = 16;
-/// Keys deleted per UNLINK call (each delete also runs the index's and the
-/// tracking's event callbacks: ~2 us a key, so 64 keeps one call ~0.1 ms).
-const DELETE_BATCH: usize = 64;
+/// Keys deleted per UNLINK call; the step's deadline is checked between
+/// calls. Measured (SLOWLOG, 1M keys, module loaded): a 64-key UNLINK takes
+/// ~120 us median but up to ~0.9 ms, and 64-key calls were the largest item
+/// in the job's budget overruns; 16 keeps one call well under the budget.
+const DELETE_BATCH: usize = 16;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobState {

@@ -129,6 +129,22 @@ pub fn start(
             ghosts_sent: None,
         })));
     }
+    if kind == Some(Kind::String) {
+        // Read the value and build DUMP's payload ourselves (no LZF attempt;
+        // see BatchBuilder::dump_string).
+        let reply = call(ctx, Propagate::No, "GET", &[key])?;
+        let v = reply.view();
+        match v.kind() {
+            crate::call::Kind::Null => return Ok(Start::Gone),
+            crate::call::Kind::String => {}
+            _ => return Err(format!("GET failed: {}", v.text())),
+        }
+        let value = v.bytes();
+        out.dump_string(key, expire_ms, lru, value, STRING_PAYLOAD_RDB_VERSION);
+        return Ok(Start::Whole {
+            bytes: (value.len() + key.len()) as u64,
+        });
+    }
     let reply = call(ctx, Propagate::No, "DUMP", &[key])?;
     let v = reply.view();
     if v.is_error() {
@@ -143,6 +159,16 @@ pub fn start(
         bytes: (payload.len() + key.len()) as u64,
     })
 }
+
+/// The RDB version stamped on string payloads built here. A raw string
+/// (type 0, length, bytes) reads the same in every RDB version, and servers
+/// refuse only versions newer than their own, so the oldest version any
+/// supported target loads is stamped rather than this server's: that lets a
+/// string move to an older server too (Redis 8 -> 7.0), and does not depend
+/// on knowing this server's own version (Valkey 8.1 writes RDB 11 but
+/// reports its own version number to modules, which the version table
+/// would read as Redis 8's RDB 12, and Valkey then refused the payload).
+const STRING_PAYLOAD_RDB_VERSION: u16 = 9;
 
 enum Phase {
     /// Streams, first: pending entries of group `i` (after `after`) whose
