@@ -220,6 +220,11 @@ struct StepPhases {
     keys: (usize, u64),
     big_steps: usize,
     flush: (usize, u64),
+    /// Inside the serialization phase: choosing keys (index walk), the
+    /// slowest single key (us, bytes), batches sent when full.
+    pick_us: u64,
+    slowest_key: (u64, u64),
+    mid_flush_us: u64,
 }
 
 impl Default for StepPhases {
@@ -231,6 +236,9 @@ impl Default for StepPhases {
             keys: (0, 0),
             big_steps: 0,
             flush: (0, 0),
+            pick_us: 0,
+            slowest_key: (0, 0),
+            mid_flush_us: 0,
         }
     }
 }
@@ -246,7 +254,7 @@ impl StepPhases {
 
     fn describe(&self) -> String {
         format!(
-            "{} acks in {} us, {} deletes in {} us, {} keys + {} big-key steps serialized in {} us, {} batches sent in {} us",
+            "{} acks in {} us, {} deletes in {} us, {} keys + {} big-key steps serialized in {} us (choosing keys {} us, slowest key {} us for {} bytes, full batches sent {} us), {} batches sent in {} us",
             self.acks.0,
             self.acks.1,
             self.deletes.0,
@@ -254,6 +262,10 @@ impl StepPhases {
             self.keys.0,
             self.big_steps,
             self.keys.1,
+            self.pick_us,
+            self.slowest_key.0,
+            self.slowest_key.1,
+            self.mid_flush_us,
             self.flush.0,
             self.flush.1
         )
@@ -1153,7 +1165,10 @@ impl Job {
             let Some(free) = self.pick_link() else {
                 break;
             };
-            let Some(key) = self.next_key() else {
+            let t_pick = Instant::now();
+            let next = self.next_key();
+            phases.pick_us += t_pick.elapsed().as_micros() as u64;
+            let Some(key) = next else {
                 break;
             };
             // Every try of a key goes on the link of its first try: the
@@ -1166,10 +1181,17 @@ impl Job {
                 .filter(|t| t.sent)
                 .map_or(free, |t| t.link);
             let slot = with_state(|s| s.slot(&key));
+            let t_key = Instant::now();
             let bytes = self.start_key(ctx, key, i, slot);
+            let us = t_key.elapsed().as_micros() as u64;
+            if us > phases.slowest_key.0 {
+                phases.slowest_key = (us, bytes);
+            }
             keys += 1;
             throttle.take(1, bytes);
+            let t_flush = Instant::now();
             self.maybe_flush(i);
+            phases.mid_flush_us += t_flush.elapsed().as_micros() as u64;
         }
         // Ran out of time with work left: the cron comes back at once.
         if Instant::now() >= deadline && self.ending.is_none() {
