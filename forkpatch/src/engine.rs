@@ -189,7 +189,7 @@ struct Inner {
     uffd: Uffd,
     pagemap: Pagemap,
     /// One bit per heap page written while the fold tracks writes.
-    dirty: Box<[AtomicU64]>,
+    dirty: sys::AtomicWords,
     hmode: AtomicU8,
     /// Odd while the handler processes a message (see `handler_quiesce`).
     hseq: AtomicU64,
@@ -315,7 +315,8 @@ impl Engine {
             in_child: AtomicBool::new(false),
             uffd,
             pagemap,
-            dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            dirty: sys::AtomicWords::new(words)
+                .map_err(|e| disabled(format!("dirty bitmap: {e}")))?,
             hmode: AtomicU8::new(H_IDLE),
             hseq: AtomicU64::new(0),
             stop_fd,

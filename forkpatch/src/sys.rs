@@ -10,6 +10,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 
 pub const PAGE: usize = 4096;
 
@@ -180,6 +181,66 @@ pub fn madvise_nondestructive(addr: usize, len: usize, advice: libc::c_int) -> i
     debug_assert!(advice == libc::MADV_DONTFORK || advice == libc::MADV_DOFORK);
     // SAFETY: DONTFORK/DOFORK only change what a future fork copies.
     cvt(unsafe { libc::madvise(addr as *mut _, len, advice) }).map(|_| ())
+}
+
+/// A zeroed array of atomic words in its own anonymous mapping, for the
+/// engine's dirty-page bitmap (one bit per reserved page: 2 MiB for a 64 GiB
+/// reserve). Built with `collect()` on the heap, every word was written at
+/// start, so all its pages were resident and every `fork()` copied their 512
+/// page-table entries: ~0.1 ms of the fork stall, for a table the child never
+/// reads. Here pages stay untouched (the zero page) until a bit is set, and
+/// the mapping is `MADV_DONTFORK`: the child has no bitmap at all, which is
+/// fine because only the parent's handler and fold threads use it.
+pub struct AtomicWords {
+    ptr: *mut AtomicU64,
+    len: usize,
+}
+
+// SAFETY: the words are atomics; the mapping is owned by this value.
+unsafe impl Send for AtomicWords {}
+unsafe impl Sync for AtomicWords {}
+
+impl AtomicWords {
+    pub fn new(len: usize) -> io::Result<AtomicWords> {
+        let bytes = (len.max(1) * 8).next_multiple_of(4096);
+        // SAFETY: a fresh private anonymous mapping aliases nothing; zero
+        // bytes are valid AtomicU64 values.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            // Best effort: if refused, fork only copies more.
+            libc::madvise(p, bytes, libc::MADV_DONTFORK);
+            Ok(AtomicWords { ptr: p.cast(), len })
+        }
+    }
+}
+
+impl std::ops::Deref for AtomicWords {
+    type Target = [AtomicU64];
+    fn deref(&self) -> &[AtomicU64] {
+        // SAFETY: `ptr` maps at least `len` zero-initialised words for the
+        // lifetime of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AtomicWords {
+    fn drop(&mut self) {
+        let bytes = (self.len.max(1) * 8).next_multiple_of(4096);
+        // SAFETY: our own mapping; no reference outlives self.
+        unsafe {
+            libc::munmap(self.ptr.cast(), bytes);
+        }
+    }
 }
 
 /// Copies `len` bytes between two engine mappings.
