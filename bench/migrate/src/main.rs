@@ -115,6 +115,19 @@ struct Args {
     /// `--config-set slots.step-budget-us=1000` (repeatable)
     #[arg(long)]
     config_set: Vec<String>,
+    /// CPU list for the source's main thread (Redis' `server_cpulist`),
+    /// e.g. "0"; the module's connection threads go to --migrate-thread-cpus
+    #[arg(long)]
+    source_cpus: Option<String>,
+    /// CPU list for the target's main thread (`server_cpulist`), e.g. "1"
+    #[arg(long)]
+    target_cpus: Option<String>,
+    /// CPU list for the source's migration connection threads
+    /// (`slots-migrate`, pinned with taskset once the job started; they
+    /// inherit the main thread's otherwise), e.g. "1". Run the harness itself
+    /// (clients) under `taskset -c 1` for the full layout.
+    #[arg(long)]
+    migrate_thread_cpus: Option<String>,
 }
 
 // ---------------------------------------------------------------- servers
@@ -150,11 +163,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(bin: &Path, module: &Path) -> Server {
+fn start(bin: &Path, module: &Path, cpus: Option<&str>) -> Server {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("slotfork-migrate-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if let Some(c) = cpus {
+        cmd.args(["--server_cpulist", c]);
+    }
+    let child = cmd
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .args(["--enable-debug-command", "yes", "--logfile", "server.log"])
@@ -650,6 +667,25 @@ fn status_map(v: &Value) -> BTreeMap<String, String> {
     m
 }
 
+/// Pins the threads of `pid` named `name` to `cpus` (taskset -p).
+fn pin_threads(pid: u32, name: &str, cpus: &str) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let ok = Command::new("taskset")
+                .args(["-p", "-c", cpus, &tid])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|st| st.success());
+            eprintln!("  pinned thread {tid} ({name}) to CPUs {cpus}: {ok}");
+        }
+    }
+}
+
 fn run_async(
     src: &Server,
     dst: &Server,
@@ -657,6 +693,7 @@ fn run_async(
     by_key: bool,
     options: &str,
     max_secs: u64,
+    migrate_thread_cpus: Option<&str>,
 ) -> Moved {
     let mut c = conn(src).unwrap();
     let mut cmd = redis::cmd(if by_key {
@@ -690,6 +727,9 @@ fn run_async(
         }
     };
     out.max_call_us = t.elapsed().as_micros() as u64;
+    if let Some(cpus) = migrate_thread_cpus {
+        pin_threads(src.child.id(), "slots-migrate", cpus);
+    }
     let mut poll = conn(src).unwrap();
     loop {
         let st: redis::RedisResult<Value> = redis::cmd("SLOTS.MIGRATE.WAIT")
@@ -849,8 +889,8 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     let a = &ctx.args;
     let big = a.scenario == Scenario::Bighash;
     eprintln!("== {:?} / {variant}: starting servers", a.scenario);
-    let src = start(&a.redis_server, &ctx.module);
-    let dst = start(&a.redis_server, &ctx.module);
+    let src = start(&a.redis_server, &ctx.module, a.source_cpus.as_deref());
+    let dst = start(&a.redis_server, &ctx.module, a.target_cpus.as_deref());
     let mut c = conn(&src).unwrap();
     for s in [&src, &dst] {
         let mut cc = conn(s).unwrap();
@@ -928,7 +968,15 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     };
     let slot_args: Vec<String> = ctx.migrate_slots.iter().map(u32::to_string).collect();
     let m = match (big, variant) {
-        (false, "async") => run_async(&src, &dst, &slot_args, false, &a.async_options, a.max_secs),
+        (false, "async") => run_async(
+            &src,
+            &dst,
+            &slot_args,
+            false,
+            &a.async_options,
+            a.max_secs,
+            a.migrate_thread_cpus.as_deref(),
+        ),
         (false, "batched") => run_baseline(
             &src,
             &dst,
@@ -954,6 +1002,7 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
             true,
             &a.async_options,
             a.max_secs,
+            a.migrate_thread_cpus.as_deref(),
         ),
         (true, "migrate") => {
             migrate_bighash_baseline(&src, &dst, a.migrate_timeout_ms, total_bytes)
@@ -1308,6 +1357,9 @@ fn main() {
             "clients": a.clients, "rate": a.rate, "client_keys": a.client_keys, "idle_secs": a.idle_secs,
             "batch": a.batch, "baseline_keys": a.baseline_keys, "async_options": a.async_options, "seed": a.seed,
             "config_set": a.config_set,
+            "source_cpus": a.source_cpus,
+            "target_cpus": a.target_cpus,
+            "migrate_thread_cpus": a.migrate_thread_cpus,
         },
         "summary": summary,
         "runs": runs,
