@@ -201,8 +201,13 @@ unsafe impl Send for AtomicWords {}
 unsafe impl Sync for AtomicWords {}
 
 impl AtomicWords {
+    /// The mapping's length for `len` words.
+    fn map_len(len: usize) -> usize {
+        (len.max(1) * 8).next_multiple_of(4096)
+    }
+
     pub fn new(len: usize) -> io::Result<AtomicWords> {
-        let bytes = (len.max(1) * 8).next_multiple_of(4096);
+        let bytes = Self::map_len(len);
         // SAFETY: a fresh private anonymous mapping aliases nothing; zero
         // bytes are valid AtomicU64 values.
         unsafe {
@@ -235,7 +240,7 @@ impl std::ops::Deref for AtomicWords {
 
 impl Drop for AtomicWords {
     fn drop(&mut self) {
-        let bytes = (self.len.max(1) * 8).next_multiple_of(4096);
+        let bytes = Self::map_len(self.len);
         // SAFETY: our own mapping; no reference outlives self.
         unsafe {
             libc::munmap(self.ptr.cast(), bytes);

@@ -243,13 +243,18 @@ impl Default for StepPhases {
     }
 }
 
+/// Microseconds since `mark`, which moves to now.
+fn lap(mark: &mut Instant) -> u64 {
+    let now = Instant::now();
+    let us = now.duration_since(*mark).as_micros() as u64;
+    *mark = now;
+    us
+}
+
 impl StepPhases {
     /// Microseconds since the previous lap.
     fn lap(&mut self) -> u64 {
-        let now = Instant::now();
-        let us = now.duration_since(self.last).as_micros() as u64;
-        self.last = now;
-        us
+        lap(&mut self.last)
     }
 
     fn describe(&self) -> String {
@@ -273,8 +278,9 @@ impl StepPhases {
 }
 
 /// Set by a step that used its whole budget with work left over: the cron
-/// then runs again in the next event-loop iteration instead of after its
-/// 1 ms period (the job is CPU-bound, not waiting for the target).
+/// may then run again before its 1 ms period, within
+/// `slots.migrate-max-cpu-percent` (cron.rs; the job is CPU-bound, not
+/// waiting for the target).
 static HUNGRY: AtomicBool = AtomicBool::new(false);
 
 /// Whether a step since the last call ran out of time with work left.
@@ -749,23 +755,20 @@ impl Job {
     fn apply_acks(&mut self, deadline: Instant) {
         let mut failure = None;
         let mut n = 0usize;
-        while let Some(Ack {
-            key,
-            generation,
-            last,
-            code,
-        }) = self.acks.pop_front()
-        {
+        while !self.acks.is_empty() {
             n += 1;
             if n.is_multiple_of(32) && Instant::now() >= deadline {
-                self.acks.push_front(Ack {
-                    key,
-                    generation,
-                    last,
-                    code,
-                });
                 break;
             }
+            let Some(Ack {
+                key,
+                generation,
+                last,
+                code,
+            }) = self.acks.pop_front()
+            else {
+                break;
+            };
             let Some(t) = self.tracked.get(&key) else {
                 continue;
             };
@@ -1128,11 +1131,16 @@ impl Job {
                 phases.describe()
             ));
         }
-        if self.ending.is_some() && self.to_delete.is_empty() && self.acks.is_empty() {
+        if self.can_finish() {
             self.finish();
             return false;
         }
         true
+    }
+
+    /// Stopping, and no acknowledged key is left to act on or delete.
+    fn can_finish(&self) -> bool {
+        self.ending.is_some() && self.to_delete.is_empty() && self.acks.is_empty()
     }
 
     fn produce(
@@ -1145,7 +1153,10 @@ impl Job {
         let mut rr = 0usize;
         let mut keys = 0usize;
         let mut chunks = 0usize;
-        while Instant::now() < deadline && self.ending.is_none() {
+        // One clock read per boundary (key chosen, key serialized, batch
+        // flushed) serves both the deadline and the overrun log line.
+        let mut mark = Instant::now();
+        while mark < deadline && self.ending.is_none() {
             if !throttle.allows() {
                 break;
             }
@@ -1160,14 +1171,14 @@ impl Job {
                 chunks += 1;
                 throttle.take(0, bytes);
                 self.maybe_flush(i);
+                mark = Instant::now();
                 continue;
             }
             let Some(free) = self.pick_link() else {
                 break;
             };
-            let t_pick = Instant::now();
             let next = self.next_key();
-            phases.pick_us += t_pick.elapsed().as_micros() as u64;
+            phases.pick_us += lap(&mut mark);
             let Some(key) = next else {
                 break;
             };
@@ -1181,17 +1192,15 @@ impl Job {
                 .filter(|t| t.sent)
                 .map_or(free, |t| t.link);
             let slot = with_state(|s| s.slot(&key));
-            let t_key = Instant::now();
             let bytes = self.start_key(ctx, key, i, slot);
-            let us = t_key.elapsed().as_micros() as u64;
+            let us = lap(&mut mark);
             if us > phases.slowest_key.0 {
                 phases.slowest_key = (us, bytes);
             }
             keys += 1;
             throttle.take(1, bytes);
-            let t_flush = Instant::now();
             self.maybe_flush(i);
-            phases.mid_flush_us += t_flush.elapsed().as_micros() as u64;
+            phases.mid_flush_us += lap(&mut mark);
         }
         // Ran out of time with work left: the cron comes back at once.
         if Instant::now() >= deadline && self.ending.is_none() {
@@ -1210,7 +1219,7 @@ impl Job {
 
     /// Ends a stopped job at once when nothing is left to delete.
     pub fn finish_if_stopped(&mut self) {
-        if self.ending.is_some() && self.to_delete.is_empty() && self.acks.is_empty() {
+        if self.can_finish() {
             self.finish();
         }
     }
