@@ -190,6 +190,15 @@ void fpInit(void) {
     }
     fp_hooks_installed = 1;
     serverLog(LL_NOTICE, "async-fork: active (heap in a memfd region, O(1) fork)");
+    /* The engine's threads do bio-like background work (page-table walks
+     * and teardown of milliseconds): keep them where bio threads run. */
+    if (server.bio_cpulist) {
+        if (forkpatch_set_thread_cpulist(server.bio_cpulist) == 0)
+            serverLog(LL_NOTICE, "async-fork: engine threads on bio_cpulist %s", server.bio_cpulist);
+        else
+            serverLog(LL_WARNING, "async-fork: cannot pin engine threads to bio_cpulist %s: %s",
+                      server.bio_cpulist, strerror(errno));
+    }
 }
 
 static void fpLogDegradedOnce(void) {
@@ -327,6 +336,7 @@ sds fpInfoPersistence(sds info) {
         "async_fork_last_switch_usec:%llu\r\n"
         "async_fork_last_fold_usec:%llu\r\n"
         "async_fork_last_fold_final_usec:%llu\r\n"
+        "async_fork_last_fold_lock_wait_usec:%llu\r\n"
         "async_fork_last_overlay_bytes:%llu\r\n"
         "async_fork_current_overlay_bytes:%zu\r\n"
         "async_fork_folds:%llu\r\n"
@@ -336,6 +346,7 @@ sds fpInfoPersistence(sds info) {
         (unsigned long long)s.last_switch_usec,
         (unsigned long long)s.last_fold_usec,
         (unsigned long long)s.last_fold_final_usec,
+        (unsigned long long)s.last_fold_lock_wait_usec,
         (unsigned long long)s.last_overlay_bytes,
         forkpatch_overlay_bytes_cached(),
         (unsigned long long)s.folds,

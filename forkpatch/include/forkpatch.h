@@ -61,6 +61,9 @@ struct forkpatch_stats {
     uint64_t last_fold_rounds;
     uint64_t last_fold_final_usec;  /* writers could wait this long */
     uint64_t last_fold_final_pages;
+    uint64_t last_fold_lock_wait_usec; /* waited, parking nobody, for the
+                                          address-space lock to be free
+                                          before the final step */
     uint64_t last_overlay_bytes;  /* bytes copied-on-write during the last
                                      snapshot: its true COW cost */
     uint64_t total_overlay_bytes;
@@ -75,6 +78,12 @@ struct forkpatch_stats {
  * (0 = reserve). Returns 1 if active, 0 if not. Later calls return the first
  * call's result. */
 int forkpatch_init(size_t reserve_bytes, size_t max_bytes);
+
+/* Run the engine's threads (fold-back, teardown, fault handler) on the CPUs
+ * of cpulist, in Redis' format ("0-3,8,10-14:2"), e.g. bio_cpulist, so they
+ * stay off a pinned main thread's CPU. 0 on success (or engine inactive),
+ * -1 with errno set (EINVAL: malformed list, nothing changed). */
+int forkpatch_set_thread_cpulist(const char *cpulist);
 
 /* 1 if the engine is active. */
 int forkpatch_active(void);

@@ -20,6 +20,11 @@ const GROW_STEP: usize = 2 << 20;
 /// Old page tables are discarded one page table (2 MiB) at a time, between
 /// forks, so a fork never waits long behind the teardown.
 const UNMAP_CHUNK: usize = 2 << 20;
+/// Before the flip: a lock probe slower than this means someone else held
+/// the address-space lock (uncontended it takes a few microseconds).
+const LOCK_BUSY: Duration = Duration::from_micros(100);
+/// ...and the fold stops waiting for a free moment after this long in all.
+const LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// Engine states (`Inner::state`).
 pub const STATE_IDLE: u8 = 0;
@@ -131,6 +136,9 @@ pub struct Stats {
     /// Time writers could be blocked in the last fold's final step.
     pub last_fold_final_usec: u64,
     pub last_fold_final_pages: u64,
+    /// Time the last fold waited, parking nobody, for the address-space lock
+    /// to be free before its final step (see `fold_inner`).
+    pub last_fold_lock_wait_usec: u64,
     /// Bytes the parent had written (copied-on-write) while the last child
     /// lived: the true copy-on-write cost of that snapshot.
     pub last_overlay_bytes: u64,
@@ -153,6 +161,7 @@ struct Counters {
     last_fold_rounds: AtomicU64,
     last_fold_final_usec: AtomicU64,
     last_fold_final_pages: AtomicU64,
+    last_fold_lock_wait_usec: AtomicU64,
     last_overlay_bytes: AtomicU64,
     total_overlay_bytes: AtomicU64,
     purge_refused: AtomicU64,
@@ -215,6 +224,9 @@ struct Inner {
     /// snapshot, for cheap reads (INFO).
     overlay_cached: AtomicUsize,
     degraded_reason: Mutex<Option<String>>,
+    /// The engine's threads (kernel tids, filled in as they start) and the
+    /// CPUs they should run on (`Engine::set_thread_cpus`; empty = any).
+    threads: Mutex<(Vec<libc::pid_t>, Vec<usize>)>,
     c: Counters,
 }
 
@@ -332,17 +344,24 @@ impl Engine {
             spare: Mutex::new(None),
             spare_failed: AtomicBool::new(false),
             degraded_reason: Mutex::new(None),
+            threads: Mutex::new((Vec::new(), Vec::new())),
             c: Counters::default(),
         });
         let h = inner.clone();
         let handler = std::thread::Builder::new()
             .name("forkpatch-uffd".into())
-            .spawn(move || h.handler_loop())
+            .spawn(move || {
+                h.register_thread();
+                h.handler_loop()
+            })
             .map_err(|e| disabled(format!("cannot start the fault-handler thread: {e}")))?;
         let w = inner.clone();
         let worker = std::thread::Builder::new()
             .name("forkpatch-fold".into())
-            .spawn(move || w.worker_loop())
+            .spawn(move || {
+                w.register_thread();
+                w.worker_loop()
+            })
             .map_err(|e| disabled(format!("cannot start the fold thread: {e}")))?;
         Ok(Engine {
             inner,
@@ -415,6 +434,23 @@ impl Engine {
     /// snapshot or fold ends) after which forks are stock `fork()`, with
     /// stock latency and copy-on-write. `true` folds the heap back in the
     /// background once no stock child is alive.
+    /// Runs the engine's threads (fold-back, page-table teardown, fault
+    /// handler) on `cpus` only, e.g. away from a server's pinned main
+    /// thread: the fold's page-table walks and the teardown take
+    /// milliseconds of CPU, and on the main thread's CPU they compete with
+    /// it. Also applies to threads that have not started yet.
+    pub fn set_thread_cpus(&self, cpus: &[usize]) -> io::Result<()> {
+        if cpus.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut t = lock(&self.inner.threads);
+        for &tid in &t.0 {
+            sys::set_thread_affinity(tid, cpus)?;
+        }
+        t.1 = cpus.to_vec();
+        Ok(())
+    }
+
     pub fn set_async(&self, on: bool) {
         self.inner.set_async(on)
     }
@@ -495,6 +531,7 @@ impl Engine {
             last_fold_rounds: c.last_fold_rounds.load(SeqCst),
             last_fold_final_usec: c.last_fold_final_usec.load(SeqCst),
             last_fold_final_pages: c.last_fold_final_pages.load(SeqCst),
+            last_fold_lock_wait_usec: c.last_fold_lock_wait_usec.load(SeqCst),
             last_overlay_bytes: c.last_overlay_bytes.load(SeqCst),
             total_overlay_bytes: c.total_overlay_bytes.load(SeqCst),
             purge_refused: c.purge_refused.load(SeqCst),
@@ -796,6 +833,17 @@ impl Inner {
         // exactly the cost we avoid); if this fails fork is merely slower.
         let _ = sys::madvise_nondestructive(s, self.reserve, libc::MADV_DONTFORK);
         Ok(s)
+    }
+
+    /// Called first by each engine thread: records its tid and applies the
+    /// CPU list if one was set before it started.
+    fn register_thread(&self) {
+        let tid = sys::gettid();
+        let mut t = lock(&self.threads);
+        if !t.1.is_empty() {
+            let _ = sys::set_thread_affinity(tid, &t.1);
+        }
+        t.0.push(tid);
     }
 
     fn set_async(&self, on: bool) {
@@ -1158,6 +1206,7 @@ impl Inner {
             .map_err(ctx("register WP"))?;
         self.hmode.store(H_TRACK, SeqCst);
         let mut wp_end = self.file_len.load(SeqCst);
+        let mut lock_wait = Duration::ZERO;
         let r = (|| {
             if wp_end > 0 {
                 self.uffd
@@ -1201,11 +1250,29 @@ impl Inner {
                 }
                 *rounds += 1;
                 if n <= self.final_max_pages || *rounds >= self.max_rounds as u64 {
+                    // The flip takes the address-space lock for writing
+                    // three times while every heap access is parked. A
+                    // reader holding it for reading (a monitor reading
+                    // /proc/<pid>/smaps walks the heap's page tables with
+                    // it held, ~15 ms per GiB) would park the main thread
+                    // for the rest of its walk: final steps of 6-42 ms at
+                    // 1 GiB with such a reader, 0.15-0.5 ms without. So
+                    // take the lock once, parking nobody, and flip only
+                    // when that came back at once; after a wait, writes
+                    // went on meanwhile, so copy them in one more round.
+                    let d = sys::address_space_lock_wait(s2).map_err(ctx("lock probe"))?;
+                    lock_wait += d;
+                    if d > LOCK_BUSY && lock_wait < LOCK_WAIT_MAX {
+                        continue;
+                    }
                     break;
                 }
             }
             Ok(overlay)
         })();
+        self.c
+            .last_fold_lock_wait_usec
+            .store(usec(lock_wait), SeqCst);
         let overlay = match r {
             Ok(o) => o,
             Err(e) => {

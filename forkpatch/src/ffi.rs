@@ -149,6 +149,61 @@ pub extern "C" fn forkpatch_set_async(on: c_int) {
     }
 }
 
+/// Runs the engine's threads on the CPUs of `cpulist`, in Redis' format
+/// ("0-3,8,10-14:2": numbers, ranges, ranges with a stride), e.g. Redis'
+/// `bio_cpulist`. Returns 0, or -1 with errno EINVAL (bad list; nothing
+/// changed) or the error of sched_setaffinity. No effect (0) if the engine
+/// is inactive.
+///
+/// # Safety
+/// `cpulist` must be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn forkpatch_set_thread_cpulist(cpulist: *const c_char) -> c_int {
+    // SAFETY: the caller passes a NUL-terminated string (or NULL).
+    let list = (!cpulist.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(cpulist) });
+    let Some(cpus) = list.and_then(|l| parse_cpulist(&l.to_string_lossy())) else {
+        set_errno(libc::EINVAL);
+        return -1;
+    };
+    let Some(e) = engine() else {
+        return 0;
+    };
+    match e.set_thread_cpus(&cpus) {
+        Ok(()) => 0,
+        Err(err) => {
+            set_errno(err.raw_os_error().unwrap_or(libc::EINVAL));
+            -1
+        }
+    }
+}
+
+/// Redis' cpulist format (setcpuaffinity.c): comma-separated items, each
+/// `n`, `a-b` or `a-b:stride`. None if malformed or empty.
+pub fn parse_cpulist(s: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for item in s.split(',') {
+        let (range, stride) = match item.split_once(':') {
+            Some((r, st)) => (r, st.trim().parse::<usize>().ok().filter(|&x| x > 0)?),
+            None => (item, 1),
+        };
+        let (a, b) = match range.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse::<usize>().ok()?,
+                b.trim().parse::<usize>().ok()?,
+            ),
+            None => {
+                let n = range.trim().parse::<usize>().ok()?;
+                (n, n)
+            }
+        };
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return None;
+        }
+        cpus.extend((a..=b).step_by(stride));
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
 /// Overlay bytes as last measured in the background (about once a second
 /// while a child lives): cheap, for INFO.
 #[no_mangle]
@@ -187,4 +242,19 @@ pub unsafe extern "C" fn forkpatch_stats(out: *mut Stats) {
     let s = engine().map(|e| e.stats()).unwrap_or_default();
     // SAFETY: the caller guarantees out is valid for writes.
     unsafe { out.write(s) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpulist;
+
+    #[test]
+    fn cpulists() {
+        assert_eq!(parse_cpulist("1"), Some(vec![1]));
+        assert_eq!(parse_cpulist("0-3,8"), Some(vec![0, 1, 2, 3, 8]));
+        assert_eq!(parse_cpulist("0-7:2,9"), Some(vec![0, 2, 4, 6, 9]));
+        for bad in ["", "a", "3-1", "0-3:0", "1,,2", "0-99999"] {
+            assert_eq!(parse_cpulist(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -11,6 +11,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 pub const PAGE: usize = 4096;
 
@@ -173,6 +174,47 @@ pub unsafe fn munmap(addr: usize, len: usize) -> io::Result<()> {
 /// No live reference may point into the range; its contents are lost.
 pub unsafe fn discard(addr: usize, len: usize) {
     libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
+}
+
+/// Takes and releases the address-space lock for writing, changing nothing:
+/// `mprotect` of one page of a `PROT_NONE` reservation to `PROT_NONE`
+/// (the kernel takes the lock before it compares the protections). Returns
+/// how long that took, i.e. how long another holder of the lock kept us
+/// waiting (a `/proc/<pid>/smaps` reader holds it for reading for its whole
+/// walk of a mapping's page tables: ~15 ms per GiB of heap here).
+pub fn address_space_lock_wait(reservation: usize) -> io::Result<Duration> {
+    let t = Instant::now();
+    // SAFETY: the page belongs to a PROT_NONE reservation of the caller;
+    // setting PROT_NONE again changes nothing.
+    cvt(unsafe { libc::mprotect(reservation as *mut _, 4096, libc::PROT_NONE) })?;
+    Ok(t.elapsed())
+}
+
+/// The calling thread's kernel thread id.
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Restricts thread `tid` of this process to `cpus` (`sched_setaffinity`).
+pub fn set_thread_affinity(tid: libc::pid_t, cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data that CPU_SET writes inside of; the
+    // kernel only reads the set we pass.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            if c >= libc::CPU_SETSIZE as usize {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            libc::CPU_SET(c, &mut set);
+        }
+        cvt(libc::sched_setaffinity(
+            tid,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        ))
+        .map(|_| ())
+    }
 }
 
 /// `madvise` with advice that does not change memory contents

@@ -183,3 +183,57 @@ fn async_fork_can_be_toggled_while_children_run() {
     assert!(s.iter().all(|&x| x == 5));
     assert!(e.purge(a as usize, len));
 }
+
+/// CPUs allowed for each of this process' threads whose name starts with
+/// `prefix`, from /proc (one entry per thread).
+fn thread_cpus(prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push(cpus);
+    }
+    out
+}
+
+#[test]
+fn engine_threads_follow_the_cpu_list() {
+    let e = engine(64 << 20);
+    // The threads register themselves as they start; give them a moment.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(e.set_thread_cpus(&[]).is_err(), "an empty list is refused");
+    e.set_thread_cpus(&[0]).unwrap();
+    // Other engines of this test binary run in parallel: ours are among the
+    // forkpatch threads, and at least two of them (fold, handler) are on 0.
+    let pinned = thread_cpus("forkpatch-")
+        .iter()
+        .filter(|c| c.as_str() == "0")
+        .count();
+    assert!(pinned >= 2, "{:?}", thread_cpus("forkpatch-"));
+    // A snapshot and its fold still work with the pinned threads.
+    let p = e.alloc(1 << 20, 4096).unwrap().as_ptr();
+    // SAFETY: 1 MiB the engine just handed out.
+    unsafe { std::ptr::write_bytes(p, 7, 1 << 20) };
+    match e.fork(true).unwrap() {
+        Forked::Child => {
+            // SAFETY: reads our own snapshot, then leaves without unwinding.
+            let ok = unsafe { *p.add(12345) } == 7;
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        Forked::Parent(pid) => {
+            assert_eq!(reap(pid), 0);
+            e.child_exited(pid);
+            assert!(e.wait_idle(Duration::from_secs(10)));
+            assert_eq!(e.stats().folds, 1);
+        }
+    }
+}

@@ -758,3 +758,42 @@ fn unprivileged_server_falls_back_to_stock_fork() {
     assert_eq!(check_prefix(&mut s.conn(), BASE_KEYS), last);
     check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
 }
+
+#[test]
+fn engine_threads_run_on_bio_cpulist() {
+    let Some(bin) = server_bin() else { return };
+    let s = Server::start(&bin, &["--bio_cpulist", "0"]);
+    assert_eq!(s.field("persistence", "async_fork_active"), "1");
+    let pid = s.child.id();
+    let mut engine_threads = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("forkpatch-") {
+            continue;
+        }
+        engine_threads += 1;
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        assert_eq!(cpus, "0", "{} on {cpus}", comm.trim_end());
+    }
+    assert_eq!(engine_threads, 2, "fold and fault-handler threads");
+    assert!(
+        s.log().contains("engine threads on bio_cpulist 0"),
+        "{}",
+        s.log()
+    );
+    // The fold reports its wait for a free address-space lock.
+    populate(&s);
+    let _: String = redis::cmd("BGSAVE").query(&mut s.conn()).unwrap();
+    s.wait_bgsave();
+    s.field("persistence", "async_fork_last_fold_lock_wait_usec")
+        .parse::<u64>()
+        .unwrap();
+}

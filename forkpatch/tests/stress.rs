@@ -231,6 +231,11 @@ struct Outcome {
     max_fork_us: u64,
     max_final_us: u64,
     overlay_bytes: u64,
+    /// smaps_rollup reads by the monitor thread, and folds that found the
+    /// address-space lock busy before their final step (timing-dependent,
+    /// reported only).
+    smaps_reads: u64,
+    folds_after_lock_wait: usize,
     /// Time spent waiting for folds, pausing writers, forking, in children.
     phase_ms: [u128; 4],
 }
@@ -322,6 +327,22 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
     let counter_t = {
         let c = ctl.clone();
         std::thread::spawn(move || counter_thread(m, c))
+    };
+    // A monitor reading smaps_rollup (every ms: far more often than a real
+    // one) holds the address-space lock for its walk of the region's page
+    // tables: folds then sometimes take the path that waits for a free lock
+    // and copies one more round before the final step.
+    let smaps_t = {
+        let c = ctl.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !c.stop.load(Acquire) {
+                let _ = std::fs::read_to_string("/proc/self/smaps_rollup");
+                reads += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            reads
+        })
     };
 
     let mut out = Outcome::default();
@@ -417,6 +438,9 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
         }
         let s = engine.stats();
         out.max_fork_us = out.max_fork_us.max(s.last_fork_usec);
+        if s.last_fold_lock_wait_usec > 100 {
+            out.folds_after_lock_wait += 1;
+        }
         if cycle % 25 == 24 {
             assert!(engine.wait_idle(Duration::from_secs(30)));
             pause(&ctl);
@@ -439,6 +463,7 @@ fn run(cycles: usize, region_mib: usize, inject: FaultInjection, seed: u64) -> O
     }
     feeder_t.join().unwrap();
     counter_t.join().unwrap();
+    out.smaps_reads = smaps_t.join().unwrap();
     assert!(engine.wait_idle(Duration::from_secs(30)));
     if parent_matches(&m) != 0 {
         out.parent_failures += 1;

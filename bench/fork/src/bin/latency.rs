@@ -57,12 +57,16 @@ struct Args {
     #[arg(long, default_value_t = 25)]
     set_percent: u64,
     /// CPU list for the server's main thread (Redis' `server_cpulist`),
-    /// e.g. "0". The engine's threads, started earlier, stay unpinned.
+    /// e.g. "0".
     #[arg(long)]
     server_cpus: Option<String>,
     /// CPU list for the save child (Redis' `bgsave_cpulist`), e.g. "1".
     #[arg(long)]
     save_cpus: Option<String>,
+    /// CPU list for background threads (Redis' `bio_cpulist`; the patched
+    /// server's engine threads follow it too). Default: --save-cpus.
+    #[arg(long)]
+    bio_cpus: Option<String>,
     /// CPU list for the client threads and the harness itself, e.g. "1".
     #[arg(long)]
     client_cpus: Option<String>,
@@ -87,6 +91,21 @@ struct Args {
     /// Give up waiting for the load after this many seconds (and record it).
     #[arg(long, default_value_t = 600)]
     load_wait_secs: u64,
+    /// Also read the server's /proc/<pid>/smaps_rollup every this many
+    /// milliseconds for the whole run, as a memory monitor might (0 = off).
+    /// Each read walks the heap's page tables holding the address-space
+    /// lock for reading: this shows what such a monitor costs each server.
+    #[arg(long, default_value_t = 0)]
+    smaps_monitor_ms: u64,
+    /// Run the client threads SCHED_FIFO at this priority (1-99; 0 = normal
+    /// scheduling; needs root or CAP_SYS_NICE). On a 2-core machine the
+    /// clients share a CPU with the save child; as normal tasks a woken
+    /// client may wait milliseconds for the child's time slice to end, and
+    /// that wait is the harness', not the server's. Real-time clients take
+    /// the CPU as soon as their reply arrives. Combine with --rate, or
+    /// closed-loop clients leave the save child little CPU.
+    #[arg(long, default_value_t = 0)]
+    client_rt_priority: i32,
 }
 
 fn root() -> PathBuf {
@@ -138,6 +157,9 @@ fn start(bin: &Path, a: &Args) -> Server {
     }
     if let Some(c) = &a.save_cpus {
         cmd.args(["--bgsave_cpulist", c]);
+    }
+    if let Some(c) = a.bio_cpus.as_ref().or(a.save_cpus.as_ref()) {
+        cmd.args(["--bio_cpulist", c]);
     }
     let child = cmd
         .args([
@@ -225,6 +247,22 @@ fn parse_cpus(s: &str) -> Vec<usize> {
     v
 }
 
+/// Makes the calling thread SCHED_FIFO at `priority`.
+fn set_fifo(priority: i32) {
+    let p = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sched_setscheduler(0, ...) affects only the calling thread and
+    // reads the parameter struct we pass.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+    assert_eq!(
+        r,
+        0,
+        "SCHED_FIFO {priority}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 fn pin_current_thread(cpus: &[usize]) {
     // SAFETY: cpu_set_t is plain data; CPU_SET only writes inside it, and
     // sched_setaffinity(0, ...) affects only the calling thread.
@@ -238,25 +276,51 @@ fn pin_current_thread(cpus: &[usize]) {
     }
 }
 
-/// Memory of one process from /proc/<pid>/smaps_rollup (bytes).
-#[derive(Default, Clone, Copy, Serialize)]
-struct ProcMem {
-    rss: u64,
-    pss_anon: u64,
+/// Fields of a /proc file of `key: <n> kB` lines, in bytes.
+fn kb_fields(s: &str, name: &str) -> u64 {
+    s.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }
 
-fn proc_mem(pid: u32) -> Option<ProcMem> {
+/// The server itself, from /proc/<pid>/status: plain counters, read without
+/// the address-space lock. Not smaps_rollup: that walks every page table of
+/// the heap (~15 ms per GiB here) holding the lock for reading, and the
+/// patched server's fold-back takes the lock for writing while it parks
+/// heap accesses; the walk then showed up as a client stall (final steps of
+/// 6-42 ms at 1 GiB with a reader, 0.15-0.5 ms without).
+#[derive(Default, Clone, Copy)]
+struct ParentMem {
+    rss: u64,
+    anon: u64,
+}
+
+fn parent_mem(pid: u32) -> Option<ParentMem> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(ParentMem {
+        rss: kb_fields(&s, "VmRSS:"),
+        anon: kb_fields(&s, "RssAnon:"),
+    })
+}
+
+/// The save child, from its smaps_rollup (it walks the child's tables under
+/// the child's lock, which the server never needs).
+#[derive(Default, Clone, Copy)]
+struct ChildMem {
+    rss: u64,
+    /// Anonymous pages only the child maps. A copy-on-write page still
+    /// shared with the parent is mapped twice and counts half in PSS, a
+    /// private one fully: private = 2 * Pss_Anon - Anonymous.
+    private_anon: u64,
+}
+
+fn child_mem(pid: u32) -> Option<ChildMem> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let kb = |name: &str| -> u64 {
-        s.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    Some(ProcMem {
-        rss: kb("Rss:"),
-        pss_anon: kb("Pss_Anon:"),
+    Some(ChildMem {
+        rss: kb_fields(&s, "Rss:"),
+        private_anon: (2 * kb_fields(&s, "Pss_Anon:")).saturating_sub(kb_fields(&s, "Anonymous:")),
     })
 }
 
@@ -289,12 +353,11 @@ fn memfd_bytes(pid: u32) -> u64 {
         .sum()
 }
 
-/// One memory sample during a save. `unique` counts every page once:
-/// anonymous pages by PSS (copy-on-write pages still shared by parent and
-/// child are split between them, so their sum is the real footprint) plus
-/// the memfd's pages. `rss_sum` is the plain parent + child RSS, which
-/// double-counts shared pages (for the patched server every memfd page both
-/// map).
+/// One memory sample during a save. `unique` counts every page once: the
+/// server's anonymous pages (copy-on-write pages it still shares with the
+/// child included), the anonymous pages only the child has, and the memfd's
+/// pages. `rss_sum` is the plain parent + child RSS, which double-counts
+/// shared pages (for the patched server every memfd page both map).
 #[derive(Default, Clone, Copy, Serialize)]
 struct MemSample {
     t_ms: u64,
@@ -305,14 +368,14 @@ struct MemSample {
 }
 
 fn mem_sample(pid: u32, t0: Instant) -> MemSample {
-    let p = proc_mem(pid).unwrap_or_default();
-    let c = child_of(pid).and_then(proc_mem).unwrap_or_default();
+    let p = parent_mem(pid).unwrap_or_default();
+    let c = child_of(pid).and_then(child_mem).unwrap_or_default();
     MemSample {
         t_ms: t0.elapsed().as_millis() as u64,
         parent_rss: p.rss,
         child_rss: c.rss,
         rss_sum: p.rss + c.rss,
-        unique: p.pss_anon + c.pss_anon + memfd_bytes(pid),
+        unique: p.anon + c.private_anon + memfd_bytes(pid),
     }
 }
 
@@ -352,6 +415,9 @@ struct Save {
     fold_end_ms: f64,
     fold_usec: u64,
     fold_final_usec: u64,
+    /// Patched: the fold's wait for a free address-space lock before its
+    /// final step (nobody parked meanwhile).
+    fold_lock_wait_usec: u64,
     overlay_bytes: u64,
     peak_rss_sum: u64,
     peak_unique: u64,
@@ -413,7 +479,11 @@ fn worker(
     let interval = (a.rate > 0).then(|| Duration::from_secs_f64(a.clients as f64 / a.rate as f64));
     let set_percent = a.set_percent;
     let clients = a.clients.max(1) as f64;
+    let rt = a.client_rt_priority;
     std::thread::spawn(move || {
+        if rt > 0 {
+            set_fifo(rt);
+        }
         let mut out = Vec::with_capacity(1 << 20);
         let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w as u64 + 1);
         let value = "v".repeat(VALUE);
@@ -498,10 +568,9 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
         .map(|w| worker(&s, w, a, keys, t0, stop.clone()))
         .collect();
 
-    // Memory sampler: every 250 ms while `sampling`. smaps_rollup walks the
-    // page tables, so it is not run continuously (CPU) and it is paused
-    // around the fork itself (the walk holds the address-space lock for
-    // reading, which the patched server's switch needs for writing).
+    // Memory sampler: every 250 ms while `sampling` (from the BGSAVE reply
+    // to 300 ms after the fold). The child's smaps_rollup costs CPU, so it
+    // is not run continuously.
     let sampling = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(Mutex::new(Vec::<MemSample>::new()));
     let sampler = {
@@ -516,6 +585,15 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             }
         })
     };
+    let monitor = (a.smaps_monitor_ms > 0).then(|| {
+        let (stop, every) = (stop.clone(), Duration::from_millis(a.smaps_monitor_ms));
+        std::thread::spawn(move || {
+            while !stop.load(Acquire) {
+                let _ = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"));
+                std::thread::sleep(every);
+            }
+        })
+    });
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let gap = Duration::from_secs_f64(a.gap_secs);
     std::thread::sleep(gap);
@@ -551,6 +629,7 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             fold_end_ms: ms(fold_end),
             fold_usec: num(&mut c, "persistence", "async_fork_last_fold_usec"),
             fold_final_usec: num(&mut c, "persistence", "async_fork_last_fold_final_usec"),
+            fold_lock_wait_usec: num(&mut c, "persistence", "async_fork_last_fold_lock_wait_usec"),
             overlay_bytes: num(&mut c, "persistence", "async_fork_last_overlay_bytes"),
             ..Save::default()
         };
@@ -561,11 +640,13 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             }
         }
         println!(
-            "[{flavour} {gib} GiB] save {}: fork {} us, save {:.0} ms, fold {:.0} ms, peak memory {:.3} GB",
+            "[{flavour} {gib} GiB] save {}: fork {} us, save {:.0} ms, fold {:.0} ms (final step {} us, lock wait {} us), peak memory {:.3} GB",
             i + 1,
             save.fork_usec,
             save.save_ms,
             save.fold_end_ms - save.save_end_ms,
+            save.fold_final_usec,
+            save.fold_lock_wait_usec,
             save.peak_unique as f64 / 1e9
         );
         r.saves.push(save);
@@ -578,6 +659,9 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
         reqs.extend(w.join().unwrap());
     }
     sampler.join().unwrap();
+    if let Some(m) = monitor {
+        m.join().unwrap();
+    }
     r.loadavg_after = loadavg();
     r.memory_samples = std::mem::take(&mut *samples.lock().unwrap());
     summarise(&mut r, reqs, a.bucket_ms);
