@@ -191,8 +191,25 @@ pub fn call_ok(ctx: Ctx, propagate: Propagate, cmd: &str, args: &[&[u8]]) -> Res
     Ok(r)
 }
 
-/// The server's version as 0x00MMmmpp (Valkey reports the Redis version it
-/// is compatible with).
+/// Whether the server is Valkey, detected once at load (`detect_server`).
+static VALKEY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records which server we run in (from INFO server: Valkey has a
+/// `valkey_version` field). Called once from OnLoad.
+pub fn detect_server(ctx: Ctx) {
+    let valkey = crate::ffi::server_info(ctx, "server")
+        .windows(15)
+        .any(|w| w == b"valkey_version:");
+    VALKEY.store(valkey, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn is_valkey() -> bool {
+    VALKEY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The server's version as 0x00MMmmpp: Redis' own, or Valkey's own (8.1.1
+/// for Valkey 8.1.1, not the Redis version it forked from), so it only
+/// means something together with `is_valkey`.
 pub fn server_version() -> u32 {
     // SAFETY: no arguments.
     unsafe { raw::RedisModule_GetServerVersion.unwrap()() as u32 }

@@ -13,7 +13,7 @@ use redis_module::raw;
 
 use crate::commands::entry;
 use crate::ffi::{self, Ctx};
-use crate::{config, cron, events, info, rebuild, redirect, state, tracking, valkey_db_fix};
+use crate::{call, config, cron, events, info, rebuild, redirect, state, tracking, valkey_db_fix};
 
 #[global_allocator]
 static ALLOCATOR: crate::alloc::ServerAlloc = crate::alloc::ServerAlloc;
@@ -143,6 +143,7 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
     let mode = config::index_mode();
     state::init(state::State::new(hash, mode));
     events::subscribe(ctx)?;
+    call::detect_server(ctx);
     valkey_db_fix::install(ctx)?;
     redirect::install(ctx)?;
     info::register(ctx);

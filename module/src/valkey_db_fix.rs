@@ -62,15 +62,9 @@ fn with_fix<R>(f: impl FnOnce(&mut Fix) -> R) -> Option<R> {
     g.as_mut().map(f)
 }
 
-fn is_valkey(ctx: Ctx) -> bool {
-    ffi::server_info(ctx, "server")
-        .windows(15)
-        .any(|w| w == b"valkey_version:")
-}
-
 /// Installs the workaround where needed (Valkey).
 pub fn install(ctx: Ctx) -> Result<(), String> {
-    if !is_valkey(ctx) {
+    if !crate::call::is_valkey() {
         ENABLED.store(false, Ordering::Relaxed);
         return Ok(());
     }

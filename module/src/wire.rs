@@ -186,20 +186,41 @@ pub struct Batch<'a> {
 #[derive(Clone, Copy)]
 pub struct Target {
     pub rdb_version: u16,
+    /// Versions refused although not above `rdb_version`: Valkey 9 writes
+    /// RDB 80 and refuses 12-79, the range Redis 7.4+ uses for formats
+    /// Valkey cannot read.
+    pub refused: Option<(u16, u16)>,
 }
 
 impl Target {
-    /// RDB version by server version (0x00MMmmpp): 7.0 -> 10, 7.2 -> 11,
-    /// 7.4 and 8.x -> 12. Valkey 8 reports 7.2.4 and writes RDB 11.
-    pub fn for_server(version: u32) -> Target {
+    /// RDB version by server and version (0x00MMmmpp). Redis: 7.0 -> 10,
+    /// 7.2 -> 11, 7.4 and 8.x -> 12. Valkey reports its own version: 7.2
+    /// and 8.x load up to 11 and refuse 12 and above (Valkey 8.1's
+    /// `verifyDumpPayload`), 9.0 writes 80 and refuses 12-79.
+    pub fn for_server(version: u32, valkey: bool) -> Target {
         let (major, minor) = (version >> 16, (version >> 8) & 0xff);
+        if valkey {
+            return match major {
+                0..=8 => Target {
+                    rdb_version: 11,
+                    refused: None,
+                },
+                _ => Target {
+                    rdb_version: 80,
+                    refused: Some((12, 79)),
+                },
+            };
+        }
         let rdb_version = match (major, minor) {
             (0..=6, _) => 9,
             (7, 0..=1) => 10,
             (7, 2..=3) => 11,
             _ => 12,
         };
-        Target { rdb_version }
+        Target {
+            rdb_version,
+            refused: None,
+        }
     }
 
     /// Highest RDB object type byte that RDB version knows.
@@ -207,7 +228,8 @@ impl Target {
         match self.rdb_version {
             0..=9 => 15,
             10 => 19,
-            11 => 20,
+            // 20: set listpack, 21: stream listpacks v3 (Redis 7.2, Valkey).
+            11 => 21,
             _ => 25,
         }
     }
@@ -257,6 +279,14 @@ pub fn check_dump_payload(p: &[u8], target: Target) -> Result<(), String> {
         return Err(format!(
             "DUMP payload RDB version {version} is newer than this server's {}",
             target.rdb_version
+        ));
+    }
+    if let Some((lo, hi)) = target
+        .refused
+        .filter(|&(lo, hi)| (lo..=hi).contains(&version))
+    {
+        return Err(format!(
+            "DUMP payload RDB version {version} is a format this server cannot load ({lo}-{hi})"
         ));
     }
     let t = p[0];
@@ -794,7 +824,10 @@ mod tests {
         p
     }
 
-    const T: Target = Target { rdb_version: 10 };
+    const T: Target = Target {
+        rdb_version: 10,
+        refused: None,
+    };
 
     /// Payloads built for strings have DUMP's format: each RDB length form,
     /// a CRC the target's check accepts, the value intact after the header.
@@ -986,8 +1019,32 @@ mod tests {
 
     #[test]
     fn rdb_versions() {
-        assert_eq!(Target::for_server(0x0007000f).rdb_version, 10);
-        assert_eq!(Target::for_server(0x00070204).rdb_version, 11);
-        assert_eq!(Target::for_server(0x00080002).rdb_version, 12);
+        assert_eq!(Target::for_server(0x0007000f, false).rdb_version, 10);
+        assert_eq!(Target::for_server(0x00070204, false).rdb_version, 11);
+        assert_eq!(Target::for_server(0x00080002, false).rdb_version, 12);
+        // Valkey reports its own version.
+        let v8 = Target::for_server(0x00080101, true);
+        assert_eq!(v8.rdb_version, 11);
+        let v9 = Target::for_server(0x00090000, true);
+        assert_eq!(v9.rdb_version, 80);
+        let stamped = |v: u16| {
+            let mut p = vec![0u8, 1, b'x'];
+            p.extend_from_slice(&v.to_le_bytes());
+            let c = crc64(&p);
+            p.extend_from_slice(&c.to_le_bytes());
+            p
+        };
+        assert!(check_dump_payload(&stamped(11), v8).is_ok());
+        assert!(check_dump_payload(&stamped(12), v8).is_err());
+        assert!(check_dump_payload(&stamped(11), v9).is_ok());
+        assert!(check_dump_payload(&stamped(12), v9).is_err());
+        assert!(check_dump_payload(&stamped(80), v9).is_ok());
+        // A stream of RDB 11 (type 21) loads on Valkey 8.
+        let mut stream = vec![21u8, 0];
+        stream.extend_from_slice(&11u16.to_le_bytes());
+        let c = crc64(&stream);
+        stream.extend_from_slice(&c.to_le_bytes());
+        assert!(check_dump_payload(&stream, v8).is_ok());
+        assert!(check_dump_payload(&stream, Target::for_server(0x0007000f, false)).is_err());
     }
 }

@@ -128,6 +128,13 @@ struct Args {
     /// (clients) under `taskset -c 1` for the full layout.
     #[arg(long)]
     migrate_thread_cpus: Option<String>,
+    /// Run the client threads SCHED_FIFO at this priority (1-99; 0 = normal
+    /// scheduling; needs root or CAP_SYS_NICE). On 2 cores the clients share
+    /// a CPU with the target and the connection threads; as normal tasks a
+    /// woken client may wait milliseconds for another task's time slice to
+    /// end, a wait that belongs to the harness, not to the source.
+    #[arg(long, default_value_t = 0)]
+    client_rt_priority: i32,
 }
 
 // ---------------------------------------------------------------- servers
@@ -518,7 +525,14 @@ fn hist() -> Histogram<u64> {
 }
 
 impl ClientLoad {
-    fn start(port: u16, keys: Arc<Vec<String>>, clients: usize, rate: u64, seed: u64) -> Self {
+    fn start(
+        port: u16,
+        keys: Arc<Vec<String>>,
+        clients: usize,
+        rate: u64,
+        seed: u64,
+        rt_priority: i32,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let phase = Arc::new(AtomicU8::new(BEFORE));
         let t0 = Instant::now();
@@ -532,6 +546,9 @@ impl ClientLoad {
                 let (stop, phase, keys) = (stop.clone(), phase.clone(), keys.clone());
                 let mut c = conn_port(port).unwrap();
                 std::thread::spawn(move || {
+                    if rt_priority > 0 {
+                        set_fifo(rt_priority);
+                    }
                     let mut out = LoadOut {
                         hist: [hist(), hist(), hist()],
                         series: Vec::new(),
@@ -665,6 +682,22 @@ fn status_map(v: &Value) -> BTreeMap<String, String> {
         }
     }
     m
+}
+
+/// Makes the calling thread SCHED_FIFO at `priority`.
+fn set_fifo(priority: i32) {
+    let p = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sched_setscheduler(0, ...) affects only the calling thread and
+    // reads the parameter struct we pass.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+    assert_eq!(
+        r,
+        0,
+        "SCHED_FIFO {priority}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Pins the threads of `pid` named `name` to `cpus` (taskset -p).
@@ -951,7 +984,14 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     let mem_dst0 = info_num(&mut cd, "memory", "used_memory");
 
     let (load_before, waited) = wait_for_quiet(a.max_load, a.load_wait_secs);
-    let cl = ClientLoad::start(src.port, ctx.client_keys.clone(), a.clients, a.rate, a.seed);
+    let cl = ClientLoad::start(
+        src.port,
+        ctx.client_keys.clone(),
+        a.clients,
+        a.rate,
+        a.seed,
+        a.client_rt_priority,
+    );
     std::thread::sleep(Duration::from_secs_f64(a.idle_secs));
     let (cpu_s0, cpu_d0) = (cpu_secs(src.child.id()), cpu_secs(dst.child.id()));
     let window_start = cl.set(DURING);
@@ -1360,6 +1400,7 @@ fn main() {
             "source_cpus": a.source_cpus,
             "target_cpus": a.target_cpus,
             "migrate_thread_cpus": a.migrate_thread_cpus,
+            "client_rt_priority": a.client_rt_priority,
         },
         "summary": summary,
         "runs": runs,

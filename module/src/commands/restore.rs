@@ -6,14 +6,14 @@ use std::ffi::CString;
 
 use redis_module::{raw, Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::call::server_version;
+use crate::call::{is_valkey, server_version};
 use crate::ffi::Ctx;
 use crate::restore::{apply, Outcome};
 use crate::wire::{parse_batch, Target};
 
 pub fn restore(ctx: &Context, args: &[RedisString]) -> RedisResult {
     let bytes: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
-    let target = Target::for_server(server_version());
+    let target = Target::for_server(server_version(), is_valkey());
     let batch = parse_batch(&bytes, target).map_err(|e| {
         crate::restore::note_rejected();
         RedisError::String(format!("ERR SLOTS.RESTORE: {e}"))
