@@ -190,13 +190,13 @@ void fpInit(void) {
     }
     fp_hooks_installed = 1;
     serverLog(LL_NOTICE, "async-fork: active (heap in a memfd region, O(1) fork)");
-    /* The engine's threads do bio-like background work (page-table walks
-     * and teardown of milliseconds): keep them where bio threads run. */
+    /* The engine's fold thread does bio-like background work (page-table
+     * walks and teardown of milliseconds): keep it where bio threads run. */
     if (server.bio_cpulist) {
         if (forkpatch_set_thread_cpulist(server.bio_cpulist) == 0)
-            serverLog(LL_NOTICE, "async-fork: engine threads on bio_cpulist %s", server.bio_cpulist);
+            serverLog(LL_NOTICE, "async-fork: fold thread on bio_cpulist %s", server.bio_cpulist);
         else
-            serverLog(LL_WARNING, "async-fork: cannot pin engine threads to bio_cpulist %s: %s",
+            serverLog(LL_WARNING, "async-fork: cannot pin the fold thread to bio_cpulist %s: %s",
                       server.bio_cpulist, strerror(errno));
     }
 }

@@ -79,9 +79,10 @@ struct forkpatch_stats {
  * call's result. */
 int forkpatch_init(size_t reserve_bytes, size_t max_bytes);
 
-/* Run the engine's threads (fold-back, teardown, fault handler) on the CPUs
- * of cpulist, in Redis' format ("0-3,8,10-14:2"), e.g. bio_cpulist, so they
- * stay off a pinned main thread's CPU. 0 on success (or engine inactive),
+/* Run the engine's background thread (fold-back, teardown) on the CPUs of
+ * cpulist, in Redis' format ("0-3,8,10-14:2"), e.g. bio_cpulist, so it stays
+ * off a pinned main thread's CPU. The fault handler is not restricted: the
+ * thread it serves waits in the fault, so that thread's CPU suits it best. 0 on success (or engine inactive),
  * -1 with errno set (EINVAL: malformed list, nothing changed). */
 int forkpatch_set_thread_cpulist(const char *cpulist);
 

@@ -351,7 +351,7 @@ impl Engine {
         let handler = std::thread::Builder::new()
             .name("forkpatch-uffd".into())
             .spawn(move || {
-                h.register_thread();
+                h.register_thread(false);
                 h.handler_loop()
             })
             .map_err(|e| disabled(format!("cannot start the fault-handler thread: {e}")))?;
@@ -359,7 +359,7 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("forkpatch-fold".into())
             .spawn(move || {
-                w.register_thread();
+                w.register_thread(true);
                 w.worker_loop()
             })
             .map_err(|e| disabled(format!("cannot start the fold thread: {e}")))?;
@@ -434,11 +434,12 @@ impl Engine {
     /// snapshot or fold ends) after which forks are stock `fork()`, with
     /// stock latency and copy-on-write. `true` folds the heap back in the
     /// background once no stock child is alive.
-    /// Runs the engine's threads (fold-back, page-table teardown, fault
-    /// handler) on `cpus` only, e.g. away from a server's pinned main
+    /// Runs the engine's background thread (fold-back, page-table teardown,
+    /// reservations) on `cpus` only, e.g. away from a server's pinned main
     /// thread: the fold's page-table walks and the teardown take
     /// milliseconds of CPU, and on the main thread's CPU they compete with
-    /// it. Also applies to threads that have not started yet.
+    /// it. The fault handler stays where it is (see `register_thread`).
+    /// Also applies if the thread has not started yet.
     pub fn set_thread_cpus(&self, cpus: &[usize]) -> io::Result<()> {
         if cpus.is_empty() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -807,9 +808,12 @@ impl Inner {
             Some(s) => s,
             None => sys::reserve_aligned(self.reserve, GIB)?,
         };
-        // The worker reserves the next one in the background.
+        // The worker reserves the next one in the background, woken after
+        // the fork (`queue_unmap`), not now: a thread of ours running on
+        // another CPU during the mremap and the fork makes each of their TLB
+        // flushes wait for an IPI to that CPU (perf: ~half of the mremap's
+        // time was `smp_call_function_many_cond`).
         self.spare_failed.store(false, SeqCst);
-        self.jobs_cv.notify_all();
         // SAFETY: s is a fresh reservation. Moving H's page tables away keeps
         // every byte of H reachable: H stays mapped to the same memfd and
         // refaults its pages from it. Replacing the now empty shared H by a
@@ -835,9 +839,17 @@ impl Inner {
         Ok(s)
     }
 
-    /// Called first by each engine thread: records its tid and applies the
-    /// CPU list if one was set before it started.
-    fn register_thread(&self) {
+    /// Called first by each engine thread that follows the CPU list: records
+    /// its tid and applies the list if one was set before it started. The
+    /// fault handler does not follow it: the thread it serves is blocked in
+    /// the fault meanwhile, so its CPU (a pinned main thread's) is the best
+    /// place for the handler, and on a CPU shared with the fold thread each
+    /// fault waited for the fold's time slice (34-90 ms client stalls during
+    /// folds at 1 GiB when both were pinned away from the main thread).
+    fn register_thread(&self, follows_cpulist: bool) {
+        if !follows_cpulist {
+            return;
+        }
         let tid = sys::gettid();
         let mut t = lock(&self.threads);
         if !t.1.is_empty() {
@@ -1287,9 +1299,11 @@ impl Inner {
 
         // 3. Flip. From the moment the handler is in FINAL mode no write
         //    fault is resolved until the heap is shared again.
+        // Timed from here: from now on a write fault is not resolved, so
+        // the wait for the handler to finish its message counts too.
+        let tf = Instant::now();
         self.hmode.store(H_FINAL, SeqCst);
         self.handler_quiesce();
-        let tf = Instant::now();
         let mut err = None;
         self.dirty_runs(wp_end, false, |o, l| {
             if let Err(e) = self.uffd.writeprotect(base + o, l, true, false) {

@@ -149,7 +149,7 @@ pub extern "C" fn forkpatch_set_async(on: c_int) {
     }
 }
 
-/// Runs the engine's threads on the CPUs of `cpulist`, in Redis' format
+/// Runs the engine's background (fold-back) thread on the CPUs of `cpulist`, in Redis' format
 /// ("0-3,8,10-14:2": numbers, ranges, ranges with a stride), e.g. Redis'
 /// `bio_cpulist`. Returns 0, or -1 with errno EINVAL (bad list; nothing
 /// changed) or the error of sched_setaffinity. No effect (0) if the engine

@@ -197,13 +197,20 @@ fn invalid_batches_are_rejected_whole() {
     newer[n - 10] = 0xff;
     newer[n - 9] = 0x00;
     fix_dump_crc(&mut newer);
+    // RDB 12 (Redis 7.4+): neither Redis 7.0 (10) nor Valkey 8 (11) loads
+    // it; Valkey reports its own version to modules, so this also checks
+    // that the target detected the server it runs in.
+    let mut rdb12 = f.ps.clone();
+    rdb12[n - 10] = 12;
+    rdb12[n - 9] = 0x00;
+    fix_dump_crc(&mut rdb12);
     let mut bad_type = f.ps.clone();
     bad_type[0] = 0xee;
     fix_dump_crc(&mut bad_type);
 
     let b = |parts: &[&[u8]]| -> Vec<Vec<u8>> { parts.iter().map(|p| p.to_vec()).collect() };
     let long_id = "x".repeat(65);
-    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+    let mut cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
         (
             "version 2",
             restore_args("2", "src", std::slice::from_ref(&good)),
@@ -709,6 +716,18 @@ fn invalid_batches_are_rejected_whole() {
             ),
         ),
     ];
+    // The server's own DUMP version: below 12 (Redis 7.0, Valkey 8), an RDB
+    // 12 payload must be refused too.
+    if u16::from_le_bytes([f.ps[n - 10], f.ps[n - 9]]) < 12 {
+        cases.push((
+            "RDB 12 payload (Redis 7.4+) on a server that loads at most 11",
+            restore_args(
+                "1",
+                "src",
+                &[rec(&[b"DUMP", b"newkey", b"0", b"-", b"0", &rdb12])],
+            ),
+        ));
+    }
     for (what, args) in &cases {
         match raw(&mut c, args) {
             Ok(v) => panic!(

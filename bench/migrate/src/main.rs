@@ -116,10 +116,13 @@ struct Args {
     #[arg(long)]
     config_set: Vec<String>,
     /// CPU list for the source's main thread (Redis' `server_cpulist`),
-    /// e.g. "0"; the module's connection threads go to --migrate-thread-cpus
+    /// e.g. "0"; the module's connection threads, the bio threads
+    /// (`bio_cpulist`) and jemalloc's purge thread go to
+    /// --migrate-thread-cpus
     #[arg(long)]
     source_cpus: Option<String>,
-    /// CPU list for the target's main thread (`server_cpulist`), e.g. "1"
+    /// CPU list for the target's main thread (`server_cpulist`) and its
+    /// background threads, e.g. "1"
     #[arg(long)]
     target_cpus: Option<String>,
     /// CPU list for the source's migration connection threads
@@ -170,13 +173,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(bin: &Path, module: &Path, cpus: Option<&str>) -> Server {
+/// `cpus`: the main thread's CPUs; `bg_cpus`: where the server's background
+/// threads go (`bio_cpulist`, and jemalloc's purge thread once started), so
+/// that with a pinned main thread nothing of the server's own competes for
+/// its CPU.
+fn start(bin: &Path, module: &Path, cpus: Option<&str>, bg_cpus: Option<&str>) -> Server {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("slotfork-migrate-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = Command::new(bin);
     if let Some(c) = cpus {
         cmd.args(["--server_cpulist", c]);
+    }
+    if let Some(c) = bg_cpus {
+        cmd.args(["--bio_cpulist", c]);
     }
     let child = cmd
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -203,6 +213,9 @@ fn start(bin: &Path, module: &Path, cpus: Option<&str>) -> Server {
             die("redis-server did not answer PING within 20 s");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(c) = bg_cpus {
+        pin_threads(s.child.id(), "jemalloc_bg_thd", c);
     }
     s
 }
@@ -922,8 +935,21 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     let a = &ctx.args;
     let big = a.scenario == Scenario::Bighash;
     eprintln!("== {:?} / {variant}: starting servers", a.scenario);
-    let src = start(&a.redis_server, &ctx.module, a.source_cpus.as_deref());
-    let dst = start(&a.redis_server, &ctx.module, a.target_cpus.as_deref());
+    // With a pinned source, its background threads go where its connection
+    // threads go; the target's stay with its main thread.
+    let src_bg = a.source_cpus.as_ref().and(a.migrate_thread_cpus.as_deref());
+    let src = start(
+        &a.redis_server,
+        &ctx.module,
+        a.source_cpus.as_deref(),
+        src_bg,
+    );
+    let dst = start(
+        &a.redis_server,
+        &ctx.module,
+        a.target_cpus.as_deref(),
+        a.target_cpus.as_deref(),
+    );
     let mut c = conn(&src).unwrap();
     for s in [&src, &dst] {
         let mut cc = conn(s).unwrap();
