@@ -106,6 +106,10 @@ struct Args {
     /// closed-loop clients leave the save child little CPU.
     #[arg(long, default_value_t = 0)]
     client_rt_priority: i32,
+    /// Which servers to run (comma separated): the targets are only checked
+    /// when both ran.
+    #[arg(long, value_delimiter = ',', default_value = "stock,patched")]
+    servers: Vec<String>,
 }
 
 fn root() -> PathBuf {
@@ -957,7 +961,11 @@ fn main() {
             );
             continue;
         }
-        let servers: Vec<ServerReport> = bins.iter().map(|(f, b)| run(f, b, gib, &a)).collect();
+        let servers: Vec<ServerReport> = bins
+            .iter()
+            .filter(|(f, _)| a.servers.iter().any(|s| s == f))
+            .map(|(f, b)| run(f, b, gib, &a))
+            .collect();
         for r in &servers {
             println!(
                 "{:8} {gib} GiB: during saves p50 {} p99 {} p99.9 {} max {} us ({} reqs) | outside p50 {} p99 {} p99.9 {} max {} us | fork median {} max {} us | save median {:.0} ms | peak memory {:.3} GB (rss sum {:.3} GB) | load {} -> {}",
@@ -980,7 +988,10 @@ fn main() {
                 r.loadavg_after
             );
         }
-        let targets = targets(gib, &servers[0], &servers[1]);
+        let targets = match servers.as_slice() {
+            [s, p] => targets(gib, s, p),
+            _ => Vec::new(),
+        };
         for t in &targets {
             println!(
                 "  {}: {:.3} (limit {}) {}",
