@@ -237,9 +237,9 @@ struct Inner {
     /// snapshot, for cheap reads (INFO).
     overlay_cached: AtomicUsize,
     degraded_reason: Mutex<Option<String>>,
-    /// The engine's threads (kernel tids, filled in as they start) and the
-    /// CPUs they should run on (`Engine::set_thread_cpus`; empty = any).
-    threads: Mutex<(Vec<libc::pid_t>, Vec<usize>)>,
+    /// The fold thread's kernel tid (once it started) and the CPUs it should
+    /// run on (`Engine::set_thread_cpus`; empty = any).
+    fold_thread: Mutex<(Option<libc::pid_t>, Vec<usize>)>,
     c: Counters,
 }
 
@@ -390,22 +390,25 @@ impl Engine {
             spare: Mutex::new(None),
             spare_failed: AtomicBool::new(false),
             degraded_reason: Mutex::new(None),
-            threads: Mutex::new((Vec::new(), Vec::new())),
+            fold_thread: Mutex::new((None, Vec::new())),
             c: Counters::default(),
         });
         let h = inner.clone();
+        // The fault handler does not follow the fold thread's CPU list: the
+        // thread it serves is blocked in the fault meanwhile, so that
+        // thread's CPU (a pinned main thread's) is the best place for it; on
+        // a CPU shared with the fold thread each fault waited for the fold's
+        // time slice (34-90 ms client stalls during folds at 1 GiB when both
+        // were pinned away from the main thread).
         let handler = std::thread::Builder::new()
             .name("forkpatch-uffd".into())
-            .spawn(move || {
-                h.register_thread(false);
-                h.handler_loop()
-            })
+            .spawn(move || h.handler_loop())
             .map_err(|e| disabled(format!("cannot start the fault-handler thread: {e}")))?;
         let w = inner.clone();
         let worker = std::thread::Builder::new()
             .name("forkpatch-fold".into())
             .spawn(move || {
-                w.register_thread(true);
+                w.register_fold_thread();
                 w.worker_loop()
             })
             .map_err(|e| disabled(format!("cannot start the fold thread: {e}")))?;
@@ -484,14 +487,14 @@ impl Engine {
     /// reservations) on `cpus` only, e.g. away from a server's pinned main
     /// thread: the fold's page-table walks and the teardown take
     /// milliseconds of CPU, and on the main thread's CPU they compete with
-    /// it. The fault handler stays where it is (see `register_thread`).
+    /// it. The fault handler stays where it is (see `Engine::new`).
     /// Also applies if the thread has not started yet.
     pub fn set_thread_cpus(&self, cpus: &[usize]) -> io::Result<()> {
         if cpus.is_empty() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let mut t = lock(&self.inner.threads);
-        for &tid in &t.0 {
+        let mut t = lock(&self.inner.fold_thread);
+        if let Some(tid) = t.0 {
             sys::set_thread_affinity(tid, cpus)?;
         }
         t.1 = cpus.to_vec();
@@ -885,23 +888,15 @@ impl Inner {
         Ok(s)
     }
 
-    /// Called first by each engine thread that follows the CPU list: records
-    /// its tid and applies the list if one was set before it started. The
-    /// fault handler does not follow it: the thread it serves is blocked in
-    /// the fault meanwhile, so its CPU (a pinned main thread's) is the best
-    /// place for the handler, and on a CPU shared with the fold thread each
-    /// fault waited for the fold's time slice (34-90 ms client stalls during
-    /// folds at 1 GiB when both were pinned away from the main thread).
-    fn register_thread(&self, follows_cpulist: bool) {
-        if !follows_cpulist {
-            return;
-        }
+    /// Called first by the fold thread: records its tid and applies the CPU
+    /// list if one was set before it started.
+    fn register_fold_thread(&self) {
         let tid = sys::gettid();
-        let mut t = lock(&self.threads);
+        let mut t = lock(&self.fold_thread);
         if !t.1.is_empty() {
             let _ = sys::set_thread_affinity(tid, &t.1);
         }
-        t.0.push(tid);
+        t.0 = Some(tid);
     }
 
     fn set_async(&self, on: bool) {

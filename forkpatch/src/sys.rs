@@ -186,7 +186,7 @@ pub fn address_space_lock_wait(reservation: usize) -> io::Result<Duration> {
     let t = Instant::now();
     // SAFETY: the page belongs to a PROT_NONE reservation of the caller;
     // setting PROT_NONE again changes nothing.
-    cvt(unsafe { libc::mprotect(reservation as *mut _, 4096, libc::PROT_NONE) })?;
+    cvt(unsafe { libc::mprotect(reservation as *mut _, PAGE, libc::PROT_NONE) })?;
     Ok(t.elapsed())
 }
 

@@ -21,9 +21,12 @@
 //! cargo run --release -p slotfork-migrate-bench --bin migrate -- small --keys 1000000
 //! cargo run --release -p slotfork-migrate-bench --bin migrate -- bighash --fields 5000000
 
+#[path = "../../common/sched.rs"]
+mod sched;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use redis::Value;
+use sched::set_fifo;
 use serde_json::{json, Value as Json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -695,22 +698,6 @@ fn status_map(v: &Value) -> BTreeMap<String, String> {
         }
     }
     m
-}
-
-/// Makes the calling thread SCHED_FIFO at `priority`.
-fn set_fifo(priority: i32) {
-    let p = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: sched_setscheduler(0, ...) affects only the calling thread and
-    // reads the parameter struct we pass.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
-    assert_eq!(
-        r,
-        0,
-        "SCHED_FIFO {priority}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// Pins the threads of `pid` named `name` to `cpus` (taskset -p).

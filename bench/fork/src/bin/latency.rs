@@ -15,9 +15,12 @@
 //! cargo run --release -p forkpatch-bench --bin latency -- --gib 1,4,8
 //! (see --help; bench/README.md has the recorded runs)
 
+#[path = "../../../common/sched.rs"]
+mod sched;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
+use sched::set_fifo;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -249,22 +252,6 @@ fn parse_cpus(s: &str) -> Vec<usize> {
         }
     }
     v
-}
-
-/// Makes the calling thread SCHED_FIFO at `priority`.
-fn set_fifo(priority: i32) {
-    let p = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: sched_setscheduler(0, ...) affects only the calling thread and
-    // reads the parameter struct we pass.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
-    assert_eq!(
-        r,
-        0,
-        "SCHED_FIFO {priority}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 fn pin_current_thread(cpus: &[usize]) {
