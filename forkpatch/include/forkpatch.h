@@ -70,6 +70,9 @@ struct forkpatch_stats {
     uint64_t purge_refused;
     uint64_t region_bytes;        /* current size of the heap memfd */
     uint64_t region_limit;
+    uint64_t flips_with_kept_tables; /* flips that moved the shared heap's
+                                        page tables back instead of mapping
+                                        it fresh */
 };
 
 /* Set the engine up. Call once, early, before other threads exist and before

@@ -155,6 +155,9 @@ pub struct Stats {
     pub purge_refused: u64,
     pub region_bytes: u64,
     pub region_limit: u64,
+    /// Flips that moved the shared heap's kept page tables back (the rest
+    /// mapped it fresh; see `flip_shared`).
+    pub flips_with_kept_tables: u64,
 }
 
 #[derive(Default)]
@@ -174,6 +177,7 @@ struct Counters {
     last_overlay_bytes: AtomicU64,
     total_overlay_bytes: AtomicU64,
     purge_refused: AtomicU64,
+    flips_with_kept_tables: AtomicU64,
 }
 
 #[derive(Default)]
@@ -233,6 +237,10 @@ struct Inner {
     spare: Mutex<Option<usize>>,
     /// Reserving failed; retried after the next switch only.
     spare_failed: AtomicBool,
+    /// The shared heap's page tables, moved aside by the switch and kept
+    /// through the snapshot so the flip can move them back (see
+    /// `flip_shared`). None outside a snapshot or fold, or when unusable.
+    kept_shared: Mutex<Option<usize>>,
     /// Overlay size measured by the worker about once a second during a
     /// snapshot, for cheap reads (INFO).
     overlay_cached: AtomicUsize,
@@ -388,6 +396,7 @@ impl Engine {
             stock_pids: Mutex::new(Vec::new()),
             overlay_cached: AtomicUsize::new(0),
             spare: Mutex::new(None),
+            kept_shared: Mutex::new(None),
             spare_failed: AtomicBool::new(false),
             degraded_reason: Mutex::new(None),
             fold_thread: Mutex::new((None, Vec::new())),
@@ -587,6 +596,7 @@ impl Engine {
             purge_refused: c.purge_refused.load(SeqCst),
             region_bytes: self.inner.file_len.load(SeqCst) as u64,
             region_limit: self.inner.limit as u64,
+            flips_with_kept_tables: c.flips_with_kept_tables.load(SeqCst),
         }
     }
 }
@@ -617,6 +627,9 @@ impl Drop for Engine {
             }
             let _ = sys::munmap(i.base, i.reserve);
             if let Some(s) = lock(&i.spare).take() {
+                let _ = sys::munmap(s, i.reserve);
+            }
+            if let Some(s) = lock(&i.kept_shared).take() {
                 let _ = sys::munmap(s, i.reserve);
             }
             let _ = sys::munmap(i.mview, i.reserve);
@@ -830,13 +843,13 @@ impl Inner {
                 self.c.last_fork_usec.store(us, SeqCst);
                 self.c.max_fork_usec.fetch_max(us, SeqCst);
                 self.c.last_switch_usec.store(switch_us, SeqCst);
-                self.queue_unmap(s);
+                self.keep_shared(s);
                 Ok(Forked::Parent(pid))
             }
             Err(e) => {
                 // No child: fold the few pages written since the switch.
                 self.c.fork_failures.fetch_add(1, SeqCst);
-                self.queue_unmap(s);
+                self.keep_shared(s);
                 self.start_fold();
                 Err(e)
             }
@@ -993,6 +1006,21 @@ impl Inner {
         self.set_state(STATE_FOLDING);
         lock(&self.jobs).fold = true;
         self.jobs_cv.notify_all();
+    }
+
+    /// Keeps the shared heap's tables moved aside by a switch until the
+    /// flip (`flip_shared`) instead of tearing them down.
+    fn keep_shared(&self, s: usize) {
+        if let Some(old) = lock(&self.kept_shared).replace(s) {
+            self.queue_unmap(old);
+        }
+    }
+
+    /// Drops kept shared tables that no flip will use.
+    fn drop_kept_shared(&self) {
+        if let Some(k) = lock(&self.kept_shared).take() {
+            self.queue_unmap(k);
+        }
     }
 
     fn queue_unmap(&self, s: usize) {
@@ -1175,7 +1203,10 @@ impl Inner {
     fn fold(&self) {
         let t0 = Instant::now();
         let mut rounds = 0u64;
-        match self.fold_inner(&mut rounds) {
+        let r = self.fold_inner(&mut rounds);
+        // A successful flip took them; a failed fold leaves them unused.
+        self.drop_kept_shared();
+        match r {
             Ok((overlay, final_pages, final_us)) => {
                 let c = &self.c;
                 c.folds.fetch_add(1, SeqCst);
@@ -1451,7 +1482,7 @@ impl Inner {
         // now holds every byte the private view showed.
         let r = r.and_then(|n| {
             final_pages += n;
-            unsafe { sys::map_fd_fixed(base, reserve, self.memfd.as_raw_fd(), true) }
+            unsafe { self.flip_shared(base, reserve) }
         });
         if let Err(e) = r {
             // Put the private tables back: no write is lost, stay private.
@@ -1475,6 +1506,44 @@ impl Inner {
         let _ = self.uffd.wake(base, reserve);
         self.queue_unmap(s2);
         Ok((overlay, final_pages, final_us))
+    }
+
+    /// Maps the heap shared again over the emptied H.
+    ///
+    /// A fresh `mmap` would leave H without page tables: after the fold every
+    /// page of the heap faults once more (fault-around from the memfd), a few
+    /// faults per request for seconds, and the perf profiles of the latency
+    /// harness showed main-thread stretches of 10-20 ms in
+    /// `filemap_map_pages` right after folds. The switch moved the shared
+    /// mapping's tables aside (`kept_shared`) rather than dropping them, so
+    /// they are moved back here: O(page-table pages), like the switch.
+    ///
+    /// Why the kept tables are still right: they map the memfd's own
+    /// page-cache pages, and every later change of the file reaches every
+    /// mapping of it through the kernel's reverse map (the fold writes into
+    /// the same pages through M; a hole punch zaps the entries; migration and
+    /// compaction update them); pages the file gained meanwhile simply have
+    /// no entry and fault in. The kept range is `MADV_DONTFORK` (the child
+    /// must not copy it), and that flag moves with it, so it is cleared here
+    /// before anyone runs: a heap marked DONTFORK would be missing from the
+    /// next child. If any step fails, H gets the fresh mapping as before.
+    ///
+    /// # Safety
+    /// H is empty and every access to it is parked (the flip's final step).
+    unsafe fn flip_shared(&self, base: usize, reserve: usize) -> io::Result<()> {
+        if let Some(k) = lock(&self.kept_shared).take() {
+            match sys::mremap_replace(k, reserve, base) {
+                Ok(()) => {
+                    if sys::madvise_nondestructive(base, reserve, libc::MADV_DOFORK).is_ok() {
+                        self.c.flips_with_kept_tables.fetch_add(1, SeqCst);
+                        return Ok(());
+                    }
+                }
+                // The move did not happen: k is still ours.
+                Err(_) => self.queue_unmap(k),
+            }
+        }
+        sys::map_fd_fixed(base, reserve, self.memfd.as_raw_fd(), true)
     }
 
     /// Leaves the heap private (all data in place) and releases every

@@ -159,6 +159,27 @@ pub unsafe fn mremap_dontunmap(from: usize, len: usize, to: usize) -> io::Result
     }
 }
 
+/// Moves the mapping at `from` with its page tables to `to`, replacing
+/// whatever was mapped there (`MREMAP_FIXED`); `from` becomes unmapped.
+///
+/// # Safety
+/// Nothing may reference `[from, from+len)` afterwards, and the caller must
+/// own `[to, to+len)` (its old mapping is dropped).
+pub unsafe fn mremap_replace(from: usize, len: usize, to: usize) -> io::Result<()> {
+    let p = libc::mremap(
+        from as *mut _,
+        len,
+        len,
+        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+        to as *mut libc::c_void,
+    );
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// # Safety
 /// No live reference may point into `[addr, addr+len)`.
 pub unsafe fn munmap(addr: usize, len: usize) -> io::Result<()> {
