@@ -21,6 +21,8 @@
 //! cargo run --release -p slotfork-migrate-bench --bin migrate -- small --keys 1000000
 //! cargo run --release -p slotfork-migrate-bench --bin migrate -- bighash --fields 5000000
 
+#[path = "../../common/noise.rs"]
+mod noise;
 #[path = "../../common/sched.rs"]
 mod sched;
 use clap::{Parser, ValueEnum};
@@ -141,6 +143,14 @@ struct Args {
     /// end, a wait that belongs to the harness, not to the source.
     #[arg(long, default_value_t = 0)]
     client_rt_priority: i32,
+    /// CPU availability probe period in milliseconds (0 = off): a
+    /// real-time thread on each CPU records how late it wakes (see
+    /// bench/common/noise.rs). Requests of the migration window that
+    /// overlapped a probe stall of at least 1 ms are also summarised apart
+    /// (`client_during_clear`), so a stall of the machine is not read as one
+    /// of the source.
+    #[arg(long, default_value_t = 1.0)]
+    noise_probe_ms: f64,
 }
 
 // ---------------------------------------------------------------- servers
@@ -524,6 +534,8 @@ const AFTER: u8 = 2;
 
 struct LoadOut {
     hist: [Histogram<u64>; 3],
+    /// Requests of the DURING phase: (start in us since t0, latency in us).
+    during: Vec<(u64, u64)>,
     series: Vec<u64>,
     errors: u64,
     first_error: Option<String>,
@@ -567,6 +579,7 @@ impl ClientLoad {
                     }
                     let mut out = LoadOut {
                         hist: [hist(), hist(), hist()],
+                        during: Vec::new(),
                         series: Vec::new(),
                         errors: 0,
                         first_error: None,
@@ -607,6 +620,9 @@ impl ClientLoad {
                             p0
                         };
                         out.hist[p as usize].saturating_record(us);
+                        if p == DURING {
+                            out.during.push(((t - t0).as_micros() as u64, us));
+                        }
                         let b = (t - t0).as_millis() as usize / 100;
                         if out.series.len() <= b {
                             out.series.resize(b + 1, 0);
@@ -641,6 +657,7 @@ impl ClientLoad {
                     for i in 0..3 {
                         a.hist[i].add(&o.hist[i]).unwrap();
                     }
+                    a.during.extend(o.during);
                     if a.series.len() < o.series.len() {
                         a.series.resize(o.series.len(), 0);
                     }
@@ -1005,8 +1022,18 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
         a.seed,
         a.client_rt_priority,
     );
+    let probe = (a.noise_probe_ms > 0.0).then(|| {
+        noise::NoiseProbe::start(
+            &(0..sched::online_cpus()).collect::<Vec<_>>(),
+            Duration::from_secs_f64(a.noise_probe_ms / 1e3),
+            (a.client_rt_priority + 1).clamp(2, 99),
+            200,
+            cl.t0,
+        )
+    });
     std::thread::sleep(Duration::from_secs_f64(a.idle_secs));
     let (cpu_s0, cpu_d0) = (cpu_secs(src.child.id()), cpu_secs(dst.child.id()));
+    let kdamond0 = noise::kdamond_cpu_ms();
     let window_start = cl.set(DURING);
     let t = Instant::now();
     let keys = &ctx.keys;
@@ -1065,8 +1092,23 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     let wall = t.elapsed().as_secs_f64();
     let window_end = cl.set(AFTER);
     let (cpu_s1, cpu_d1) = (cpu_secs(src.child.id()), cpu_secs(dst.child.id()));
+    let kdamond_ms = noise::kdamond_cpu_ms() - kdamond0;
     std::thread::sleep(Duration::from_secs_f64(a.idle_secs));
     let lo = cl.finish();
+    let stalls = probe.map(|p| p.finish()).unwrap_or_default();
+    let (w0_us, w1_us) = ((window_start * 1e6) as u64, (window_end * 1e6) as u64);
+    let cpu_unavailable = noise::max_stall_per_cpu(&stalls, sched::online_cpus(), w0_us, w1_us);
+    let window_stalls: Vec<_> = stalls
+        .iter()
+        .filter(|s| s.late_us >= 1000 && s.start_us < w1_us && s.start_us + s.late_us > w0_us)
+        .copied()
+        .collect();
+    let mut during_clear = hist();
+    for &(st, us) in &lo.during {
+        if !noise::overlaps_stall(&stalls, st, us, 1000) {
+            during_clear.saturating_record(us);
+        }
+    }
     let load_after = loadavg();
     if let Some(e) = &m.error {
         eprintln!("  ERROR: {e}");
@@ -1141,9 +1183,13 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     outside.add(&lo.hist[AFTER as usize]).unwrap();
     let step_us: Option<u64> = m.status.get("max_step_usec").and_then(|v| v.parse().ok());
     eprintln!(
-        "  {variant}: {moved_keys} keys in {wall:.2} s, client max during {} us, outside {} us, verify: {} sampled keys checked, {} problems",
+        "  {variant}: {moved_keys} keys in {wall:.2} s, client max during {} us (clear of CPU stalls: {} us), outside {} us; CPU unavailable to a real-time probe during the window: max {:?} us per CPU, {} stalls >= 1 ms, kdamond CPU {:.0} ms; verify: {} sampled keys checked, {} problems",
         during.max(),
+        during_clear.max(),
         outside.max(),
+        cpu_unavailable,
+        window_stalls.len(),
+        kdamond_ms,
         checked,
         problems.len()
     );
@@ -1178,6 +1224,10 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
         "status": m.status,
         "status_series": m.snapshots,
         "client_during": pct(during),
+        "client_during_clear": pct(&during_clear),
+        "cpu_unavailable_max_us_during": cpu_unavailable,
+        "cpu_stalls_over_1ms_during": window_stalls,
+        "kdamond_cpu_ms_during": kdamond_ms,
         "client_outside": pct(&outside),
         "client_before": pct(&lo.hist[BEFORE as usize]),
         "client_after": pct(&lo.hist[AFTER as usize]),

@@ -15,12 +15,14 @@
 //! cargo run --release -p forkpatch-bench --bin latency -- --gib 1,4,8
 //! (see --help; bench/README.md has the recorded runs)
 
+#[path = "../../../common/noise.rs"]
+mod noise;
 #[path = "../../../common/sched.rs"]
 mod sched;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
-use sched::set_fifo;
+use sched::{online_cpus, pin_current_thread, set_fifo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,6 +111,13 @@ struct Args {
     /// closed-loop clients leave the save child little CPU.
     #[arg(long, default_value_t = 0)]
     client_rt_priority: i32,
+    /// CPU availability probe period in milliseconds (0 = off): a
+    /// real-time thread on each CPU records how late it wakes (see
+    /// bench/common/noise.rs). Requests that overlapped a probe stall of
+    /// at least 1 ms are also summarised apart ("clear" figures), so a stall
+    /// of the machine is not read as one of the server.
+    #[arg(long, default_value_t = 1.0)]
+    noise_probe_ms: f64,
     /// Which servers to run (comma separated): the targets are only checked
     /// when both ran.
     #[arg(long, value_delimiter = ',', default_value = "stock,patched")]
@@ -252,19 +261,6 @@ fn parse_cpus(s: &str) -> Vec<usize> {
         }
     }
     v
-}
-
-fn pin_current_thread(cpus: &[usize]) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET only writes inside it, and
-    // sched_setaffinity(0, ...) affects only the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(r, 0, "sched_setaffinity {cpus:?}");
-    }
 }
 
 /// Fields of a /proc file of `key: <n> kB` lines, in bytes.
@@ -446,6 +442,17 @@ struct ServerReport {
     peak_unique: u64,
     memory_samples: Vec<MemSample>,
     series: Series,
+    /// Probe: per CPU, the longest time a real-time thread could not get
+    /// that CPU back, during the save windows and outside them (us).
+    cpu_unavailable_max_us_during: Vec<u64>,
+    cpu_unavailable_max_us_outside: Vec<u64>,
+    /// Probe stalls of >= 1 ms (any CPU).
+    cpu_stalls_over_1ms: Vec<noise::CpuStall>,
+    /// Requests that did not overlap a probe stall of >= 1 ms.
+    during_saves_clear: Percentiles,
+    outside_saves_clear: Percentiles,
+    /// CPU time of the host's DAMON scanner (kdamond) during this run (ms).
+    kdamond_cpu_ms: f64,
 }
 
 /// A request: start time in microseconds since t0 (high 40 bits) and its
@@ -554,6 +561,16 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
         ..ServerReport::default()
     };
     let t0 = Instant::now();
+    let kdamond_before = noise::kdamond_cpu_ms();
+    let probe = (a.noise_probe_ms > 0.0).then(|| {
+        noise::NoiseProbe::start(
+            &(0..online_cpus()).collect::<Vec<_>>(),
+            Duration::from_secs_f64(a.noise_probe_ms / 1e3),
+            (a.client_rt_priority + 1).clamp(2, 99),
+            200,
+            t0,
+        )
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..a.clients)
         .map(|w| worker(&s, w, a, keys, t0, stop.clone()))
@@ -645,6 +662,8 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
     }
     stop.store(true, Release);
     r.load_secs = t0.elapsed().as_secs_f64();
+    let stalls = probe.map(|p| p.finish()).unwrap_or_default();
+    r.kdamond_cpu_ms = noise::kdamond_cpu_ms() - kdamond_before;
     let mut reqs: Vec<u64> = Vec::new();
     for w in workers {
         reqs.extend(w.join().unwrap());
@@ -655,13 +674,17 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
     }
     r.loadavg_after = loadavg();
     r.memory_samples = std::mem::take(&mut *samples.lock().unwrap());
-    summarise(&mut r, reqs, a.bucket_ms);
+    summarise(&mut r, reqs, &stalls, a.bucket_ms);
     r
 }
 
-fn summarise(r: &mut ServerReport, mut reqs: Vec<u64>, bucket_ms: u64) {
+/// A probe stall at least this long marks the requests it overlapped.
+const STALL_US: u64 = 1000;
+
+fn summarise(r: &mut ServerReport, mut reqs: Vec<u64>, stalls: &[noise::CpuStall], bucket_ms: u64) {
     let hist = || Histogram::<u64>::new_with_bounds(1, 1 << 24, 3).unwrap();
     let (mut all, mut during, mut outside) = (hist(), hist(), hist());
+    let (mut during_clear, mut outside_clear) = (hist(), hist());
     // Save windows in microseconds: BGSAVE sent .. save and fold ended. A
     // request overlapping a window counts as during it.
     let windows: Vec<(u64, u64)> = r
@@ -680,15 +703,47 @@ fn summarise(r: &mut ServerReport, mut reqs: Vec<u64>, bucket_ms: u64) {
         let (st, lat) = unpack(x);
         let lat = lat.max(1);
         all.record(lat).unwrap();
+        let clear = !noise::overlaps_stall(stalls, st, lat, STALL_US);
         if windows.iter().any(|&(a, b)| st <= b && st + lat >= a) {
             during.record(lat).unwrap();
+            if clear {
+                during_clear.record(lat).unwrap();
+            }
         } else {
             outside.record(lat).unwrap();
+            if clear {
+                outside_clear.record(lat).unwrap();
+            }
         }
     }
     r.all = percentiles(&all, r.load_secs);
     r.during_saves = percentiles(&during, during_secs);
     r.outside_saves = percentiles(&outside, r.load_secs - during_secs);
+    r.during_saves_clear = percentiles(&during_clear, during_secs);
+    r.outside_saves_clear = percentiles(&outside_clear, r.load_secs - during_secs);
+    let ncpu = online_cpus();
+    r.cpu_unavailable_max_us_during = vec![0; ncpu];
+    for &(a, b) in &windows {
+        let m = noise::max_stall_per_cpu(stalls, ncpu, a, b);
+        for (x, y) in r.cpu_unavailable_max_us_during.iter_mut().zip(m) {
+            *x = (*x).max(y);
+        }
+    }
+    r.cpu_unavailable_max_us_outside = vec![0; ncpu];
+    for s in stalls {
+        let inside = windows
+            .iter()
+            .any(|&(a, b)| s.start_us < b && s.start_us + s.late_us > a);
+        if !inside && s.cpu < ncpu {
+            let m = &mut r.cpu_unavailable_max_us_outside[s.cpu];
+            *m = (*m).max(s.late_us);
+        }
+    }
+    r.cpu_stalls_over_1ms = stalls
+        .iter()
+        .filter(|s| s.late_us >= STALL_US)
+        .copied()
+        .collect();
     // Per-bucket p99 and max, by request start time.
     let b_us = bucket_ms * 1000;
     let mut i = 0;
@@ -852,6 +907,17 @@ fn plot(path: &Path, gib: usize, reports: &[ServerReport], bucket_ms: u64) {
             .unwrap()
             .label("p99")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLUE.stroke_width(2)));
+        let orange = RGBColor(230, 140, 0);
+        ch.draw_series(r.cpu_stalls_over_1ms.iter().map(|st| {
+            Circle::new(
+                (st.start_us as f64 / 1e6, st.late_us as f64),
+                3,
+                orange.filled(),
+            )
+        }))
+        .unwrap()
+        .label("CPU unavailable >= 1 ms (probe)")
+        .legend(move |(x, y)| Circle::new((x + 8, y), 3, orange.filled()));
         for (i, s) in r.saves.iter().enumerate() {
             let first = i == 0;
             let fork_start = s.fork_end_ms - s.fork_usec as f64 / 1e3;
@@ -890,11 +956,6 @@ fn plot(path: &Path, gib: usize, reports: &[ServerReport], bucket_ms: u64) {
             .unwrap();
     }
     root.present().unwrap();
-}
-
-fn online_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
 fn mem_total() -> u64 {
@@ -954,6 +1015,19 @@ fn main() {
             .map(|(f, b)| run(f, b, gib, &a))
             .collect();
         for r in &servers {
+            println!(
+                "{:8} {gib} GiB: CPU unavailable to a real-time probe: max per CPU {:?} us during saves, {:?} us outside; {} stalls >= 1 ms; kdamond CPU {:.0} ms | requests clear of them: during saves p99.9 {} max {} us ({} reqs), outside p99.9 {} max {} us",
+                r.flavour,
+                r.cpu_unavailable_max_us_during,
+                r.cpu_unavailable_max_us_outside,
+                r.cpu_stalls_over_1ms.len(),
+                r.kdamond_cpu_ms,
+                r.during_saves_clear.p999_us,
+                r.during_saves_clear.max_us,
+                r.during_saves_clear.requests,
+                r.outside_saves_clear.p999_us,
+                r.outside_saves_clear.max_us,
+            );
             println!(
                 "{:8} {gib} GiB: during saves p50 {} p99 {} p99.9 {} max {} us ({} reqs) | outside p50 {} p99 {} p99.9 {} max {} us | fork median {} max {} us | save median {:.0} ms | peak memory {:.3} GB (rss sum {:.3} GB) | load {} -> {}",
                 r.flavour,
