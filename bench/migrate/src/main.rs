@@ -21,6 +21,8 @@
 //! cargo run --release -p slotfork-migrate-bench --bin migrate -- small --keys 1000000
 //! cargo run --release -p slotfork-migrate-bench --bin migrate -- bighash --fields 5000000
 
+#[path = "../../common/child.rs"]
+mod child;
 #[path = "../../common/noise.rs"]
 mod noise;
 #[path = "../../common/sched.rs"]
@@ -195,6 +197,7 @@ fn start(bin: &Path, module: &Path, cpus: Option<&str>, bg_cpus: Option<&str>) -
     let dir = std::env::temp_dir().join(format!("slotfork-migrate-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = Command::new(bin);
+    child::die_with_parent(&mut cmd);
     if let Some(c) = cpus {
         cmd.args(["--server_cpulist", c]);
     }

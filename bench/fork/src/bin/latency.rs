@@ -15,6 +15,8 @@
 //! cargo run --release -p forkpatch-bench --bin latency -- --gib 1,4,8
 //! (see --help; bench/README.md has the recorded runs)
 
+#[path = "../../../common/child.rs"]
+mod child;
 #[path = "../../../common/noise.rs"]
 mod noise;
 #[path = "../../../common/sched.rs"]
@@ -165,6 +167,7 @@ fn start(bin: &Path, a: &Args) -> Server {
     // child inherits that mask: give the server every CPU back (taskset
     // execs it, so the pid stays the server's).
     let mut cmd = Command::new("taskset");
+    child::die_with_parent(&mut cmd);
     cmd.args(["-c", &format!("0-{}", online_cpus() - 1)])
         .arg(bin);
     // Redis' own affinity settings (7.0), the same for both servers.
