@@ -166,6 +166,12 @@ pub struct JobStats {
     pub last_error: String,
     pub max_step_usec: u64,
     pub max_step_cpu_usec: u64,
+    /// Event-loop slices this job ran, and how many took over 1 ms of wall
+    /// and of CPU time: the maximum alone cannot tell one outlier from a
+    /// habit.
+    pub steps: u64,
+    pub steps_over_1ms: u64,
+    pub steps_over_1ms_cpu: u64,
     /// (when, keys_moved, bytes_moved), one sample per second, for the rate.
     samples: VecDeque<(Instant, u64, u64)>,
 }
@@ -1122,6 +1128,9 @@ impl Job {
         self.stats.max_step_usec = self.stats.max_step_usec.max(us);
         let cpu = ffi::thread_cpu_usec().saturating_sub(cpu0);
         self.stats.max_step_cpu_usec = self.stats.max_step_cpu_usec.max(cpu);
+        self.stats.steps += 1;
+        self.stats.steps_over_1ms += u64::from(us > 1000);
+        self.stats.steps_over_1ms_cpu += u64::from(cpu > 1000);
         let budget = config::step_budget().as_micros() as u64;
         if cpu > 2 * budget.max(500) {
             // Rare by design; when it happens, say where the time went.

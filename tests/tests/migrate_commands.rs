@@ -28,6 +28,9 @@ const FIELDS: &[&str] = &[
     "rate_keys_per_sec",
     "rate_bytes_per_sec",
     "max_step_usec",
+    "steps",
+    "steps_over_1ms",
+    "steps_over_1ms_cpu",
     "errors",
     "last_error",
     "started_at_ms",
@@ -85,6 +88,10 @@ fn status_fields_of_a_done_slot_job() {
     assert!(s.num("keys_resent") >= 0);
     assert!(s.num("rate_keys_per_sec") >= 0 && s.num("rate_bytes_per_sec") >= 0);
     assert!(s.num("max_step_usec") > 0, "{s:?}");
+    assert!(
+        s.num("steps") > 0 && s.num("steps_over_1ms") <= s.num("steps"),
+        "{s:?}"
+    );
     no_error(&s);
     let started = s.num("started_at_ms");
     assert!(

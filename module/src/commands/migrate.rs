@@ -279,6 +279,9 @@ fn status_of(job: &Job) -> RedisValue {
         ("rate_bytes_per_sec", n(bps)),
         ("max_step_usec", n(job.stats.max_step_usec)),
         ("max_step_cpu_usec", n(job.stats.max_step_cpu_usec)),
+        ("steps", n(job.stats.steps)),
+        ("steps_over_1ms", n(job.stats.steps_over_1ms)),
+        ("steps_over_1ms_cpu", n(job.stats.steps_over_1ms_cpu)),
         ("errors", n(job.stats.errors)),
         (
             "last_error",
