@@ -1488,13 +1488,7 @@ impl Inner {
             // Put the private tables back: no write is lost, stay private.
             // SAFETY: moves our own tables back over the empty H.
             unsafe {
-                let _ = libc::mremap(
-                    s2 as *mut _,
-                    reserve,
-                    reserve,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    base as *mut libc::c_void,
-                );
+                let _ = sys::mremap_replace(s2, reserve, base);
             }
             self.hmode.store(H_IDLE, SeqCst);
             let _ = self.uffd.wake(base, reserve);

@@ -145,18 +145,7 @@ pub unsafe fn map_fd_fixed(addr: usize, len: usize, fd: RawFd, shared: bool) -> 
 /// `to` must be a reservation owned by the caller (it is replaced). Nobody
 /// may hold references into `to`.
 pub unsafe fn mremap_dontunmap(from: usize, len: usize, to: usize) -> io::Result<()> {
-    let p = libc::mremap(
-        from as *mut _,
-        len,
-        len,
-        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-        to as *mut libc::c_void,
-    );
-    if p == libc::MAP_FAILED {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    mremap_fixed(from, len, to, libc::MREMAP_DONTUNMAP)
 }
 
 /// Moves the mapping at `from` with its page tables to `to`, replacing
@@ -166,11 +155,16 @@ pub unsafe fn mremap_dontunmap(from: usize, len: usize, to: usize) -> io::Result
 /// Nothing may reference `[from, from+len)` afterwards, and the caller must
 /// own `[to, to+len)` (its old mapping is dropped).
 pub unsafe fn mremap_replace(from: usize, len: usize, to: usize) -> io::Result<()> {
+    mremap_fixed(from, len, to, 0)
+}
+
+/// `mremap(from, len, len, MAYMOVE | FIXED | extra, to)`.
+unsafe fn mremap_fixed(from: usize, len: usize, to: usize, extra: libc::c_int) -> io::Result<()> {
     let p = libc::mremap(
         from as *mut _,
         len,
         len,
-        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | extra,
         to as *mut libc::c_void,
     );
     if p == libc::MAP_FAILED {
