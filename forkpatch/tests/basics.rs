@@ -1,17 +1,11 @@
 //! Edge cases of the engine: growth limits (OOM), purge semantics, and the
 //! fallback when userfaultfd cannot see kernel-mode faults.
 
+mod common;
+
+use common::{engine, fork_checker, reap};
 use forkpatch::{Config, Engine, Forked};
 use std::time::Duration;
-
-fn engine(max: usize) -> Engine {
-    Engine::new(Config {
-        reserve_bytes: 1 << 30,
-        max_bytes: max,
-        ..Config::default()
-    })
-    .expect("engine available")
-}
 
 #[test]
 fn growth_limit_behaves_like_oom_without_corruption() {
@@ -102,28 +96,6 @@ fn user_mode_only_userfaultfd_disables_the_engine_with_a_reason() {
     .err()
     .expect("must refuse");
     assert!(err.reason.contains("user-mode"), "{}", err.reason);
-}
-
-fn reap(pid: libc::pid_t) -> i32 {
-    let mut st = 0;
-    // SAFETY: reaps our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
-    st
-}
-
-/// Forks a child that checks, after `delay_ms`, that `s` holds `want`.
-fn fork_checker(e: &Engine, s: &[u8], want: u8, delay_ms: u32) -> libc::pid_t {
-    match e.fork(true).unwrap() {
-        Forked::Child => {
-            // SAFETY: plain libc calls in the child, then exit without unwinding.
-            unsafe {
-                libc::usleep(delay_ms * 1000);
-                let ok = s.iter().all(|&x| x == want);
-                libc::_exit(if ok { 0 } else { 1 })
-            }
-        }
-        Forked::Parent(pid) => pid,
-    }
 }
 
 #[test]
