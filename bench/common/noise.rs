@@ -22,6 +22,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A probe stall at least this long marks the requests it overlapped (the
+/// "clear" figures leave them out) and is listed in the reports.
+pub const STALL_US: u64 = 1000;
+
 /// One late wake-up: the probed CPU was unavailable from `start_us` (since
 /// the harness' t0) for `late_us`.
 #[derive(Clone, Copy, Debug, serde::Serialize)]

@@ -1106,12 +1106,14 @@ fn run_variant(ctx: &mut Ctx, variant: &str) -> Json {
     let cpu_unavailable = noise::max_stall_per_cpu(&stalls, sched::online_cpus(), w0_us, w1_us);
     let window_stalls: Vec<_> = stalls
         .iter()
-        .filter(|s| s.late_us >= 1000 && s.start_us < w1_us && s.start_us + s.late_us > w0_us)
+        .filter(|s| {
+            s.late_us >= noise::STALL_US && s.start_us < w1_us && s.start_us + s.late_us > w0_us
+        })
         .copied()
         .collect();
     let mut during_clear = hist();
     for &(st, us) in &lo.during {
-        if !noise::overlaps_stall(&stalls, st, us, 1000) {
+        if !noise::overlaps_stall(&stalls, st, us, noise::STALL_US) {
             during_clear.saturating_record(us);
         }
     }

@@ -681,9 +681,6 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
     r
 }
 
-/// A probe stall at least this long marks the requests it overlapped.
-const STALL_US: u64 = 1000;
-
 fn summarise(r: &mut ServerReport, mut reqs: Vec<u64>, stalls: &[noise::CpuStall], bucket_ms: u64) {
     let hist = || Histogram::<u64>::new_with_bounds(1, 1 << 24, 3).unwrap();
     let (mut all, mut during, mut outside) = (hist(), hist(), hist());
@@ -706,7 +703,7 @@ fn summarise(r: &mut ServerReport, mut reqs: Vec<u64>, stalls: &[noise::CpuStall
         let (st, lat) = unpack(x);
         let lat = lat.max(1);
         all.record(lat).unwrap();
-        let clear = !noise::overlaps_stall(stalls, st, lat, STALL_US);
+        let clear = !noise::overlaps_stall(stalls, st, lat, noise::STALL_US);
         if windows.iter().any(|&(a, b)| st <= b && st + lat >= a) {
             during.record(lat).unwrap();
             if clear {
@@ -744,7 +741,7 @@ fn summarise(r: &mut ServerReport, mut reqs: Vec<u64>, stalls: &[noise::CpuStall
     }
     r.cpu_stalls_over_1ms = stalls
         .iter()
-        .filter(|s| s.late_us >= STALL_US)
+        .filter(|s| s.late_us >= noise::STALL_US)
         .copied()
         .collect();
     // Per-bucket p99 and max, by request start time.
