@@ -199,6 +199,16 @@ void fpInit(void) {
             serverLog(LL_WARNING, "async-fork: cannot pin the fold thread to bio_cpulist %s: %s",
                       server.bio_cpulist, strerror(errno));
     }
+    /* Apply functions do not run for the config file's values. */
+    int prio = server.async_fork_fault_priority;
+    if (forkpatch_set_fault_priority(prio) == 0) {
+        if (prio > 0)
+            serverLog(LL_NOTICE, "async-fork: fault handler runs SCHED_FIFO at priority %d", prio);
+    } else {
+        serverLog(LL_WARNING, "async-fork: fault handler stays at normal priority "
+                  "(async-fork-fault-priority %d: %s); first writes during a fold-back "
+                  "may wait for a busy CPU", prio, strerror(errno));
+    }
 }
 
 static void fpLogDegradedOnce(void) {
@@ -227,6 +237,16 @@ int fpApplyConfig(const char **err) {
         fpInit(); /* extents already allocated stay anonymous */
     } else if (fp_hooks_installed) {
         forkpatch_set_async(server.async_fork);
+    }
+    return 1;
+}
+
+int fpApplyFaultPriority(const char **err) {
+    if (!fp_init_done) return 1; /* fpInit applies it */
+    if (forkpatch_set_fault_priority(server.async_fork_fault_priority) != 0) {
+        *err = errno == EPERM ? "cannot set a real-time priority (needs CAP_SYS_NICE or RLIMIT_RTPRIO)"
+                              : "cannot set the fault handler's priority";
+        return 0;
     }
     return 1;
 }
@@ -341,7 +361,8 @@ sds fpInfoPersistence(sds info) {
         "async_fork_current_overlay_bytes:%zu\r\n"
         "async_fork_folds:%llu\r\n"
         "async_fork_fold_errors:%llu\r\n"
-        "async_fork_region_bytes:%llu\r\n",
+        "async_fork_region_bytes:%llu\r\n"
+        "async_fork_fault_priority:%d\r\n",
         fpStateName(s.state),
         (unsigned long long)s.last_switch_usec,
         (unsigned long long)s.last_fold_usec,
@@ -351,6 +372,7 @@ sds fpInfoPersistence(sds info) {
         forkpatch_overlay_bytes_cached(),
         (unsigned long long)s.folds,
         (unsigned long long)s.fold_errors,
-        (unsigned long long)s.region_bytes);
+        (unsigned long long)s.region_bytes,
+        forkpatch_fault_priority());
     return info;
 }

@@ -89,6 +89,18 @@ int forkpatch_init(size_t reserve_bytes, size_t max_bytes);
  * -1 with errno set (EINVAL: malformed list, nothing changed). */
 int forkpatch_set_thread_cpulist(const char *cpulist);
 
+/* Run the engine's userfaultfd fault handler SCHED_FIFO at priority (1-99),
+ * or with normal scheduling (0). During a fold-back every first write to a
+ * heap page waits for a round trip through that thread; as a normal task it
+ * may first wait out another task's time slice on a busy CPU, while a
+ * real-time one runs at once, for a few microseconds per fault. 0 on success
+ * (or engine inactive), -1 with errno set (EINVAL: out of range; EPERM:
+ * no CAP_SYS_NICE / RLIMIT_RTPRIO); nothing changes on error. */
+int forkpatch_set_fault_priority(int priority);
+
+/* The fault handler's real-time priority (0 = normal scheduling). */
+int forkpatch_fault_priority(void);
+
 /* 1 if the engine is active. */
 int forkpatch_active(void);
 

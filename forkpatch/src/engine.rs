@@ -248,6 +248,10 @@ struct Inner {
     /// The fold thread's kernel tid (once it started) and the CPUs it should
     /// run on (`Engine::set_thread_cpus`; empty = any).
     fold_thread: Mutex<(Option<libc::pid_t>, Vec<usize>)>,
+    /// The fault handler's kernel tid (known before `Engine::new` returns)
+    /// and the real-time priority it runs at (0 = normal scheduling).
+    handler_tid: AtomicI32,
+    handler_priority: Mutex<i32>,
     c: Counters,
 }
 
@@ -400,9 +404,12 @@ impl Engine {
             spare_failed: AtomicBool::new(false),
             degraded_reason: Mutex::new(None),
             fold_thread: Mutex::new((None, Vec::new())),
+            handler_tid: AtomicI32::new(0),
+            handler_priority: Mutex::new(0),
             c: Counters::default(),
         });
         let h = inner.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         // The fault handler does not follow the fold thread's CPU list: the
         // thread it serves is blocked in the fault meanwhile, so that
         // thread's CPU (a pinned main thread's) is the best place for it; on
@@ -411,8 +418,15 @@ impl Engine {
         // were pinned away from the main thread).
         let handler = std::thread::Builder::new()
             .name("forkpatch-uffd".into())
-            .spawn(move || h.handler_loop())
+            .spawn(move || {
+                let _ = tid_tx.send(sys::gettid());
+                h.handler_loop()
+            })
             .map_err(|e| disabled(format!("cannot start the fault-handler thread: {e}")))?;
+        let handler_tid = tid_rx
+            .recv()
+            .map_err(|_| disabled("the fault-handler thread died at start"))?;
+        inner.handler_tid.store(handler_tid, SeqCst);
         let w = inner.clone();
         let worker = std::thread::Builder::new()
             .name("forkpatch-fold".into())
@@ -508,6 +522,35 @@ impl Engine {
         }
         t.1 = cpus.to_vec();
         Ok(())
+    }
+
+    /// Runs the fault handler `SCHED_FIFO` at `priority` (1-99), or with
+    /// normal scheduling (0). During a fold every first write to a heap page
+    /// waits for a round trip through this thread; as a normal task, woken
+    /// on a CPU busy with the fold thread, the save child or anything else,
+    /// it can wait out their time slice first (0.4 ms per fault on average
+    /// under the latency harness' load, bench/README.md "Fourth run"). A
+    /// real-time thread runs as soon as it is woken, and it only ever runs
+    /// for a few microseconds per fault. Needs `CAP_SYS_NICE` or an
+    /// `RLIMIT_RTPRIO` allowing `priority`; on error nothing changes.
+    pub fn set_fault_priority(&self, priority: i32) -> io::Result<()> {
+        if !(0..=99).contains(&priority) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut p = lock(&self.inner.handler_priority);
+        sys::set_thread_fifo(self.inner.handler_tid.load(SeqCst), priority)?;
+        *p = priority;
+        Ok(())
+    }
+
+    /// The fault handler's real-time priority (0 = normal scheduling).
+    pub fn fault_priority(&self) -> i32 {
+        *lock(&self.inner.handler_priority)
+    }
+
+    /// The fault handler's kernel tid.
+    pub fn fault_handler_tid(&self) -> libc::pid_t {
+        self.inner.handler_tid.load(SeqCst)
     }
 
     pub fn set_async(&self, on: bool) {

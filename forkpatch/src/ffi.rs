@@ -177,6 +177,32 @@ pub unsafe extern "C" fn forkpatch_set_thread_cpulist(cpulist: *const c_char) ->
     }
 }
 
+/// Runs the engine's fault handler `SCHED_FIFO` at `priority` (1-99) or
+/// with normal scheduling (0); see `Engine::set_fault_priority`. Returns 0
+/// (also when the engine is inactive), or -1 with errno EINVAL (out of
+/// range) or the error of sched_setscheduler (EPERM without CAP_SYS_NICE);
+/// nothing changes on error.
+#[no_mangle]
+pub extern "C" fn forkpatch_set_fault_priority(priority: c_int) -> c_int {
+    let Some(e) = engine() else {
+        return 0;
+    };
+    match e.set_fault_priority(priority) {
+        Ok(()) => 0,
+        Err(err) => {
+            set_errno(err.raw_os_error().unwrap_or(libc::EINVAL));
+            -1
+        }
+    }
+}
+
+/// The fault handler's real-time priority (0 = normal scheduling, also
+/// when the engine is inactive).
+#[no_mangle]
+pub extern "C" fn forkpatch_fault_priority() -> c_int {
+    engine().map_or(0, |e| e.fault_priority())
+}
+
 /// Redis' cpulist format (setcpuaffinity.c): comma-separated items, each
 /// `n`, `a-b` or `a-b:stride`. None if malformed or empty.
 pub fn parse_cpulist(s: &str) -> Option<Vec<usize>> {

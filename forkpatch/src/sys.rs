@@ -232,6 +232,21 @@ pub fn set_thread_affinity(tid: libc::pid_t, cpus: &[usize]) -> io::Result<()> {
     }
 }
 
+/// Schedules thread `tid` of this process `SCHED_FIFO` at `priority`
+/// (1-99), or `SCHED_OTHER` for 0.
+pub fn set_thread_fifo(tid: libc::pid_t, priority: i32) -> io::Result<()> {
+    let policy = if priority > 0 {
+        libc::SCHED_FIFO
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: the kernel only reads `param`.
+    cvt(unsafe { libc::sched_setscheduler(tid, policy, &param) }).map(|_| ())
+}
+
 /// `madvise` with advice that does not change memory contents
 /// (e.g. `MADV_DONTFORK`). Callers must not pass destructive advice.
 pub fn madvise_nondestructive(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {

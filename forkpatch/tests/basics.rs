@@ -218,3 +218,67 @@ fn engine_threads_follow_the_cpu_list() {
         }
     }
 }
+
+/// Scheduling policy and real-time priority of thread `tid` of this process.
+fn thread_sched(tid: libc::pid_t) -> (i32, i32) {
+    let mut p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: queries a thread of our own process into a local.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    assert!(unsafe { libc::sched_getparam(tid, &mut p) } == 0);
+    (policy, p.sched_priority)
+}
+
+#[test]
+fn fault_handler_priority_is_applied_and_a_fold_still_works() {
+    let e = engine(64 << 20);
+    let tid = e.fault_handler_tid();
+    assert!(tid > 0);
+    assert_eq!(e.fault_priority(), 0, "normal scheduling until asked");
+    assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
+    let bad = e.set_fault_priority(100).unwrap_err();
+    assert_eq!(bad.raw_os_error(), Some(libc::EINVAL));
+    assert!(e.set_fault_priority(-1).is_err());
+    assert_eq!(
+        thread_sched(tid).0,
+        libc::SCHED_OTHER,
+        "errors change nothing"
+    );
+    match e.set_fault_priority(3) {
+        Ok(()) => {
+            assert_eq!(thread_sched(tid), (libc::SCHED_FIFO, 3));
+            assert_eq!(e.fault_priority(), 3);
+        }
+        // Without CAP_SYS_NICE the kernel refuses; nothing may change.
+        Err(err) => {
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+            assert_eq!(e.fault_priority(), 0);
+            assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
+        }
+    }
+    // A fold whose first writes go through the (real-time) handler.
+    let len = 4 << 20;
+    let p = e.alloc(len, 4096).unwrap().as_ptr();
+    // SAFETY: memory the engine just handed out, written only by this thread.
+    let s = unsafe { std::slice::from_raw_parts_mut(p, len) };
+    s.fill(1);
+    let pid = fork_checker(&e, s, 1, 0);
+    s.fill(2);
+    assert_eq!(reap(pid), 0);
+    e.child_exited(pid);
+    // Write while the fold runs: these are the faults the handler serves.
+    for round in 0..50u8 {
+        for page in s.chunks_mut(4096) {
+            page.fill(3 + round % 4);
+        }
+    }
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    let last = 3 + 49 % 4;
+    assert!(s.iter().all(|&x| x == last));
+    // The next snapshot sees exactly the folded heap.
+    let pid = fork_checker(&e, s, last, 0);
+    assert_eq!(reap(pid), 0);
+    e.child_exited(pid);
+    e.set_fault_priority(0).unwrap();
+    assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
+    assert!(e.wait_idle(Duration::from_secs(10)));
+}

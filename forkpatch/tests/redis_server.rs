@@ -807,3 +807,126 @@ fn fold_thread_runs_on_bio_cpulist() {
         .parse::<u64>()
         .unwrap();
 }
+
+/// Scheduling policy of the patched server's fault-handler thread.
+fn fault_handler_policy(pid: u32) -> i32 {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "forkpatch-uffd" {
+            let tid: libc::pid_t = t.file_name().to_str().unwrap().parse().unwrap();
+            // SAFETY: a query with no memory arguments.
+            return unsafe { libc::sched_getscheduler(tid) };
+        }
+    }
+    panic!("no forkpatch-uffd thread in {pid}");
+}
+
+#[test]
+fn fault_handler_priority_config() {
+    let Some(bin) = server_bin() else { return };
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: needs root for SCHED_FIFO");
+        return;
+    }
+    let s = Server::start(&bin, &[]);
+    let pid = s.child.id();
+    let mut c = s.conn();
+    let get = |c: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("async-fork-fault-priority")
+            .query(c)
+            .unwrap()
+    };
+    assert_eq!(get(&mut c), ["async-fork-fault-priority", "1"]);
+    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "1");
+    assert_eq!(fault_handler_policy(pid), libc::SCHED_FIFO);
+    assert!(
+        s.log()
+            .contains("fault handler runs SCHED_FIFO at priority 1"),
+        "{}",
+        s.log()
+    );
+    let set = |c: &mut redis::Connection, v: &str| -> redis::RedisResult<()> {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("async-fork-fault-priority")
+            .arg(v)
+            .query(c)
+    };
+    assert!(set(&mut c, "100").is_err());
+    assert!(set(&mut c, "-1").is_err());
+    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "1");
+    set(&mut c, "0").unwrap();
+    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "0");
+    assert_eq!(fault_handler_policy(pid), libc::SCHED_OTHER);
+    set(&mut c, "7").unwrap();
+    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "7");
+    assert_eq!(fault_handler_policy(pid), libc::SCHED_FIFO);
+    // Snapshots stay exact with the real-time handler serving the fold.
+    populate(&s);
+    let w = Writer::start(&s);
+    w.wait_for(1000);
+    for _ in 0..2 {
+        let _: String = redis::cmd("BGSAVE").query(&mut s.conn()).unwrap();
+        s.wait_bgsave();
+        check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
+    }
+    let last = w.stop();
+    assert_eq!(check_prefix(&mut s.conn(), BASE_KEYS), last);
+    drop(s);
+
+    // Without CAP_SYS_NICE (dropped from the bounding set, so root does not
+    // regain it at exec) the engine still works, the handler stays normal,
+    // the log says why, and CONFIG SET fails without changing anything.
+    if Command::new("setpriv").arg("--help").output().is_err() {
+        eprintln!("skipped the CAP_SYS_NICE part: no setpriv");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new("setpriv")
+        .args(["--bounding-set=-sys_nice", "--inh-caps=-sys_nice", "--"])
+        .arg(&bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--enable-debug-command", "yes"])
+        .args(["--logfile", "server.log"])
+        .args(["--async-fork-fault-priority", "5"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server { child, port, dir };
+    let t = Instant::now();
+    while s
+        .try_conn()
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_err()
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.field("persistence", "async_fork_active"), "1");
+    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "0");
+    assert_eq!(fault_handler_policy(s.child.id()), libc::SCHED_OTHER);
+    assert!(
+        s.log()
+            .contains("fault handler stays at normal priority (async-fork-fault-priority 5"),
+        "{}",
+        s.log()
+    );
+    let mut c = s.conn();
+    let err = set(&mut c, "3").unwrap_err();
+    assert!(err.to_string().contains("CAP_SYS_NICE"), "{err}");
+    assert_eq!(get(&mut c), ["async-fork-fault-priority", "5"]);
+    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "0");
+    populate(&s);
+    let _: String = redis::cmd("BGSAVE").query(&mut s.conn()).unwrap();
+    s.wait_bgsave();
+    check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
+}

@@ -113,6 +113,13 @@ struct Args {
     /// closed-loop clients leave the save child little CPU.
     #[arg(long, default_value_t = 0)]
     client_rt_priority: i32,
+    /// The patched server's `async-fork-fault-priority` (SCHED_FIFO priority
+    /// of its fault handler). Default: one above --client-rt-priority when
+    /// the clients are real-time (on a production host the clients live on
+    /// other machines and never get ahead of the handler; here they share its
+    /// CPUs), else the server's default (1).
+    #[arg(long)]
+    fault_priority: Option<i32>,
     /// CPU availability probe period in milliseconds (0 = off): a
     /// real-time thread on each CPU records how late it wakes (see
     /// bench/common/noise.rs). Requests that overlapped a probe stall of
@@ -158,7 +165,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(bin: &Path, a: &Args) -> Server {
+fn start(bin: &Path, patched: bool, a: &Args) -> Server {
     let port = free_port();
     // On disk, not in /tmp: an 8 GiB RDB must not land in a tmpfs.
     let dir = root().join(format!("target/bench-fork/server-{port}"));
@@ -179,6 +186,14 @@ fn start(bin: &Path, a: &Args) -> Server {
     }
     if let Some(c) = a.bio_cpus.as_ref().or(a.save_cpus.as_ref()) {
         cmd.args(["--bio_cpulist", c]);
+    }
+    if patched {
+        let prio = a
+            .fault_priority
+            .or((a.client_rt_priority > 0).then(|| (a.client_rt_priority + 1).min(99)));
+        if let Some(p) = prio {
+            cmd.args(["--async-fork-fault-priority", &p.to_string()]);
+        }
     }
     let child = cmd
         .args([
@@ -398,6 +413,10 @@ struct Save {
     fork_end_ms: f64,
     /// `latest_fork_usec`: the server's whole fork stall.
     fork_usec: u64,
+    /// Patched: `async_fork_last_switch_usec`, the part of `fork_usec` spent
+    /// switching the heap to a private mapping (the rest is `fork()` itself
+    /// and jemalloc's fork handlers).
+    switch_usec: u64,
     /// `rdb_bgsave_in_progress` back to 0.
     save_end_ms: f64,
     save_ms: f64,
@@ -429,6 +448,8 @@ struct ServerReport {
     loadavg_after: String,
     keys: usize,
     populate_secs: f64,
+    /// Patched: `async_fork_fault_priority` as the server applied it.
+    fault_priority: u64,
     used_memory: u64,
     used_memory_rss: u64,
     /// Memory (unique, as in `MemSample`) just before the first save.
@@ -539,7 +560,7 @@ fn median_f64(v: &[f64]) -> f64 {
 fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
     let (waited, load_before) = wait_for_quiet(a.max_load, Duration::from_secs(a.load_wait_secs));
     println!("[{flavour} {gib} GiB] load {load_before} (waited {waited:.0} s); populating");
-    let s = start(bin, a);
+    let s = start(bin, flavour == "patched", a);
     let pid = s.pid();
     let mut c = conn(&s).unwrap();
     // 0 GiB: 1000 keys, the floor of a fork of this process.
@@ -561,6 +582,7 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
         keys,
         populate_secs,
         used_memory: num(&mut c, "memory", "used_memory"),
+        fault_priority: num(&mut c, "persistence", "async_fork_fault_priority"),
         ..ServerReport::default()
     };
     let t0 = Instant::now();
@@ -635,6 +657,7 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             bgsave_sent_ms: ms(sent),
             fork_end_ms: ms(fork_end),
             fork_usec: num(&mut c, "stats", "latest_fork_usec"),
+            switch_usec: num(&mut c, "persistence", "async_fork_last_switch_usec"),
             save_end_ms: ms(save_end),
             save_ms: save_end.duration_since(sent).as_secs_f64() * 1e3,
             fold_end_ms: ms(fold_end),
@@ -651,9 +674,10 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             }
         }
         println!(
-            "[{flavour} {gib} GiB] save {}: fork {} us, save {:.0} ms, fold {:.0} ms (final step {} us, lock wait {} us), peak memory {:.3} GB",
+            "[{flavour} {gib} GiB] save {}: fork {} us (switch {} us), save {:.0} ms, fold {:.0} ms (final step {} us, lock wait {} us), peak memory {:.3} GB",
             i + 1,
             save.fork_usec,
+            save.switch_usec,
             save.save_ms,
             save.fold_end_ms - save.save_end_ms,
             save.fold_final_usec,
