@@ -200,13 +200,13 @@ void fpInit(void) {
                       server.bio_cpulist, strerror(errno));
     }
     /* Apply functions do not run for the config file's values. */
-    int prio = server.async_fork_fault_priority;
-    if (forkpatch_set_fault_priority(prio) == 0) {
+    int prio = server.async_fork_rt_priority;
+    if (forkpatch_set_rt_priority(prio) == 0) {
         if (prio > 0)
             serverLog(LL_NOTICE, "async-fork: fault handler runs SCHED_FIFO at priority %d", prio);
     } else {
         serverLog(LL_WARNING, "async-fork: fault handler stays at normal priority "
-                  "(async-fork-fault-priority %d: %s); first writes during a fold-back "
+                  "(async-fork-rt-priority %d: %s); first writes during a fold-back "
                   "may wait for a busy CPU", prio, strerror(errno));
     }
 }
@@ -241,9 +241,9 @@ int fpApplyConfig(const char **err) {
     return 1;
 }
 
-int fpApplyFaultPriority(const char **err) {
+int fpApplyRtPriority(const char **err) {
     if (!fp_init_done) return 1; /* fpInit applies it */
-    if (forkpatch_set_fault_priority(server.async_fork_fault_priority) != 0) {
+    if (forkpatch_set_rt_priority(server.async_fork_rt_priority) != 0) {
         *err = errno == EPERM ? "cannot set a real-time priority (needs CAP_SYS_NICE or RLIMIT_RTPRIO)"
                               : "cannot set the fault handler's priority";
         return 0;
@@ -362,7 +362,7 @@ sds fpInfoPersistence(sds info) {
         "async_fork_folds:%llu\r\n"
         "async_fork_fold_errors:%llu\r\n"
         "async_fork_region_bytes:%llu\r\n"
-        "async_fork_fault_priority:%d\r\n",
+        "async_fork_rt_priority:%d\r\n",
         fpStateName(s.state),
         (unsigned long long)s.last_switch_usec,
         (unsigned long long)s.last_fold_usec,
@@ -373,6 +373,6 @@ sds fpInfoPersistence(sds info) {
         (unsigned long long)s.folds,
         (unsigned long long)s.fold_errors,
         (unsigned long long)s.region_bytes,
-        forkpatch_fault_priority());
+        forkpatch_rt_priority());
     return info;
 }

@@ -51,9 +51,9 @@ void fpChildReaped(pid_t pid);
 /* CONFIG SET async-fork apply function. */
 int fpApplyConfig(const char **err);
 
-/* CONFIG SET async-fork-fault-priority apply function: fails (the old value
+/* CONFIG SET async-fork-rt-priority apply function: fails (the old value
  * stays) when the priority cannot be set, e.g. without CAP_SYS_NICE. */
-int fpApplyFaultPriority(const char **err);
+int fpApplyRtPriority(const char **err);
 
 /* The copy-on-write figure the child reports, corrected for async fork:
  * the parent's copied-on-write pages (the overlay) are the real cost, the

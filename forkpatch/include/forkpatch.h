@@ -96,10 +96,10 @@ int forkpatch_set_thread_cpulist(const char *cpulist);
  * real-time one runs at once, for a few microseconds per fault. 0 on success
  * (or engine inactive), -1 with errno set (EINVAL: out of range; EPERM:
  * no CAP_SYS_NICE / RLIMIT_RTPRIO); nothing changes on error. */
-int forkpatch_set_fault_priority(int priority);
+int forkpatch_set_rt_priority(int priority);
 
-/* The fault handler's real-time priority (0 = normal scheduling). */
-int forkpatch_fault_priority(void);
+/* The priority set by forkpatch_set_rt_priority (0 = normal scheduling). */
+int forkpatch_rt_priority(void);
 
 /* 1 if the engine is active. */
 int forkpatch_active(void);

@@ -14,6 +14,18 @@ fn engine() -> Option<&'static Engine> {
     ENGINE.get().and_then(|r| r.as_ref().ok())
 }
 
+/// Runs `f`, turning a panic into `fallback` with errno EIO. A panic must
+/// not unwind into C (Rust aborts the process there, i.e. the server). The
+/// engine has no known panic site: this is the last line of defence; the
+/// panic hook has printed the message on stderr (the server's log when it
+/// logs to stdout/stderr).
+fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        set_errno(libc::EIO);
+        fallback
+    })
+}
+
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() = e };
@@ -25,36 +37,38 @@ fn set_errno(e: c_int) {
 /// (see `forkpatch_disabled_reason`). Only the first call has an effect.
 #[no_mangle]
 pub extern "C" fn forkpatch_init(reserve_bytes: usize, max_bytes: usize) -> c_int {
-    let r = ENGINE.get_or_init(|| {
-        let mut cfg = Config::default();
-        if reserve_bytes != 0 {
-            cfg.reserve_bytes = reserve_bytes;
-        }
-        if max_bytes != 0 {
-            cfg.max_bytes = max_bytes;
-        }
-        Engine::new(cfg).map_err(|d| {
-            CString::new(d.reason).unwrap_or_else(|_| CString::from(c"engine disabled"))
-        })
-    });
-    r.is_ok() as c_int
+    guard(0, || {
+        let r = ENGINE.get_or_init(|| {
+            let mut cfg = Config::default();
+            if reserve_bytes != 0 {
+                cfg.reserve_bytes = reserve_bytes;
+            }
+            if max_bytes != 0 {
+                cfg.max_bytes = max_bytes;
+            }
+            Engine::new(cfg).map_err(|d| {
+                CString::new(d.reason).unwrap_or_else(|_| CString::from(c"engine disabled"))
+            })
+        });
+        r.is_ok() as c_int
+    })
 }
 
 /// 1 if the engine is active in this process.
 #[no_mangle]
 pub extern "C" fn forkpatch_active() -> c_int {
-    engine().is_some() as c_int
+    guard(0, || engine().is_some() as c_int)
 }
 
 /// Why the engine is not active (static string), or NULL if it is. If it
 /// degraded after a failed fold, see `forkpatch_degraded` instead.
 #[no_mangle]
 pub extern "C" fn forkpatch_disabled_reason() -> *const c_char {
-    match ENGINE.get() {
+    guard(c"engine error".as_ptr(), || match ENGINE.get() {
         None => c"not initialised".as_ptr(),
         Some(Err(s)) => s.as_ptr(),
         Some(Ok(_)) => std::ptr::null(),
-    }
+    })
 }
 
 static DEGRADED_REASON: OnceLock<CString> = OnceLock::new();
@@ -63,24 +77,30 @@ static DEGRADED_REASON: OnceLock<CString> = OnceLock::new();
 /// not. Degradation is permanent, so the string stays valid.
 #[no_mangle]
 pub extern "C" fn forkpatch_degraded_reason() -> *const c_char {
-    let Some(r) = engine().and_then(|e| e.degraded_reason()) else {
-        return std::ptr::null();
-    };
-    DEGRADED_REASON
-        .get_or_init(|| CString::new(r).unwrap_or_else(|_| CString::from(c"fold failed")))
-        .as_ptr()
+    guard(c"engine error".as_ptr(), || {
+        let Some(r) = engine().and_then(|e| e.degraded_reason()) else {
+            return std::ptr::null();
+        };
+        DEGRADED_REASON
+            .get_or_init(|| CString::new(r).unwrap_or_else(|_| CString::from(c"fold failed")))
+            .as_ptr()
+    })
 }
 
 /// 1 if a fold failed and the engine now uses stock fork (data intact).
 #[no_mangle]
 pub extern "C" fn forkpatch_degraded() -> c_int {
-    engine().is_some_and(|e| e.state() == crate::STATE_DEGRADED) as c_int
+    guard(0, || {
+        engine().is_some_and(|e| e.state() == crate::STATE_DEGRADED) as c_int
+    })
 }
 
 /// 1 if `p` lies inside the engine's heap region.
 #[no_mangle]
 pub extern "C" fn forkpatch_region_contains(p: *const libc::c_void) -> c_int {
-    engine().is_some_and(|e| e.contains(p as usize)) as c_int
+    guard(0, || {
+        engine().is_some_and(|e| e.contains(p as usize)) as c_int
+    })
 }
 
 /// `size` bytes of the heap region aligned to `align`, zero-filled when
@@ -88,9 +108,11 @@ pub extern "C" fn forkpatch_region_contains(p: *const libc::c_void) -> c_int {
 /// a snapshot child, where the caller must use anonymous memory).
 #[no_mangle]
 pub extern "C" fn forkpatch_region_alloc(size: usize, align: usize) -> *mut libc::c_void {
-    engine()
-        .and_then(|e| e.alloc(size, align))
-        .map_or(std::ptr::null_mut(), |p| p.as_ptr() as *mut _)
+    guard(std::ptr::null_mut(), || {
+        engine()
+            .and_then(|e| e.alloc(size, align))
+            .map_or(std::ptr::null_mut(), |p| p.as_ptr() as *mut _)
+    })
 }
 
 /// Frees the pages of a page-aligned range of the region; they read as zero
@@ -98,7 +120,9 @@ pub extern "C" fn forkpatch_region_alloc(size: usize, align: usize) -> *mut libc
 /// progress, or in a child): the contents are then unchanged.
 #[no_mangle]
 pub extern "C" fn forkpatch_region_purge(p: *mut libc::c_void, len: usize) -> c_int {
-    engine().is_some_and(|e| e.purge(p as usize, len)) as c_int
+    guard(0, || {
+        engine().is_some_and(|e| e.purge(p as usize, len)) as c_int
+    })
 }
 
 /// The fork replacement: returns like fork(2). With the engine inactive it
@@ -106,18 +130,20 @@ pub extern "C" fn forkpatch_region_purge(p: *mut libc::c_void, len: usize) -> c_
 /// (check `forkpatch_busy` first to avoid that).
 #[no_mangle]
 pub extern "C" fn forkpatch_fork() -> libc::pid_t {
-    let Some(e) = engine() else {
-        // SAFETY: plain fork(2), same contract as the caller's.
-        return unsafe { libc::fork() };
-    };
-    match e.fork(true) {
-        Ok(Forked::Child) => 0,
-        Ok(Forked::Parent(pid)) => pid,
-        Err(err) => {
-            set_errno(err.raw_os_error().unwrap_or(libc::EAGAIN));
-            -1
+    guard(-1, || {
+        let Some(e) = engine() else {
+            // SAFETY: plain fork(2), same contract as the caller's.
+            return unsafe { libc::fork() };
+        };
+        match e.fork(true) {
+            Ok(Forked::Child) => 0,
+            Ok(Forked::Parent(pid)) => pid,
+            Err(err) => {
+                set_errno(err.raw_os_error().unwrap_or(libc::EAGAIN));
+                -1
+            }
         }
-    }
+    })
 }
 
 /// Call after reaping the child returned by `forkpatch_fork` (any exit
@@ -125,28 +151,32 @@ pub extern "C" fn forkpatch_fork() -> libc::pid_t {
 /// snapshot was ended.
 #[no_mangle]
 pub extern "C" fn forkpatch_child_exited(pid: libc::pid_t) -> c_int {
-    engine().is_some_and(|e| e.child_exited(pid)) as c_int
+    guard(0, || engine().is_some_and(|e| e.child_exited(pid)) as c_int)
 }
 
 /// 1 while a snapshot is alive or being folded back.
 #[no_mangle]
 pub extern "C" fn forkpatch_busy() -> c_int {
-    engine().is_some_and(|e| e.busy()) as c_int
+    guard(0, || engine().is_some_and(|e| e.busy()) as c_int)
 }
 
 /// Waits up to `timeout_ms` for a running fold to finish; 1 if none runs.
 #[no_mangle]
 pub extern "C" fn forkpatch_wait_fold(timeout_ms: u64) -> c_int {
-    engine().is_none_or(|e| e.wait_idle(Duration::from_millis(timeout_ms))) as c_int
+    guard(0, || {
+        engine().is_none_or(|e| e.wait_idle(Duration::from_millis(timeout_ms))) as c_int
+    })
 }
 
 /// `async-fork yes|no` at run time (see `Engine::set_async`). No effect if
 /// the engine is inactive.
 #[no_mangle]
 pub extern "C" fn forkpatch_set_async(on: c_int) {
-    if let Some(e) = engine() {
-        e.set_async(on != 0);
-    }
+    guard((), || {
+        if let Some(e) = engine() {
+            e.set_async(on != 0);
+        }
+    })
 }
 
 /// Runs the engine's background (fold-back) thread on the CPUs of `cpulist`, in Redis' format
@@ -159,48 +189,52 @@ pub extern "C" fn forkpatch_set_async(on: c_int) {
 /// `cpulist` must be NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn forkpatch_set_thread_cpulist(cpulist: *const c_char) -> c_int {
-    // SAFETY: the caller passes a NUL-terminated string (or NULL).
-    let list = (!cpulist.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(cpulist) });
-    let Some(cpus) = list.and_then(|l| parse_cpulist(&l.to_string_lossy())) else {
-        set_errno(libc::EINVAL);
-        return -1;
-    };
-    let Some(e) = engine() else {
-        return 0;
-    };
-    match e.set_thread_cpus(&cpus) {
-        Ok(()) => 0,
-        Err(err) => {
-            set_errno(err.raw_os_error().unwrap_or(libc::EINVAL));
-            -1
+    guard(-1, || {
+        // SAFETY: the caller passes a NUL-terminated string (or NULL).
+        let list = (!cpulist.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(cpulist) });
+        let Some(cpus) = list.and_then(|l| parse_cpulist(&l.to_string_lossy())) else {
+            set_errno(libc::EINVAL);
+            return -1;
+        };
+        let Some(e) = engine() else {
+            return 0;
+        };
+        match e.set_thread_cpus(&cpus) {
+            Ok(()) => 0,
+            Err(err) => {
+                set_errno(err.raw_os_error().unwrap_or(libc::EINVAL));
+                -1
+            }
         }
-    }
+    })
 }
 
-/// Runs the engine's fault handler `SCHED_FIFO` at `priority` (1-99) or
-/// with normal scheduling (0); see `Engine::set_fault_priority`. Returns 0
+/// Real-time priority (1-99; 0 = normal scheduling) of the engine's fault
+/// handler; see `Engine::set_rt_priority`. Returns 0
 /// (also when the engine is inactive), or -1 with errno EINVAL (out of
 /// range) or the error of sched_setscheduler (EPERM without CAP_SYS_NICE);
 /// nothing changes on error.
 #[no_mangle]
-pub extern "C" fn forkpatch_set_fault_priority(priority: c_int) -> c_int {
-    let Some(e) = engine() else {
-        return 0;
-    };
-    match e.set_fault_priority(priority) {
-        Ok(()) => 0,
-        Err(err) => {
-            set_errno(err.raw_os_error().unwrap_or(libc::EINVAL));
-            -1
+pub extern "C" fn forkpatch_set_rt_priority(priority: c_int) -> c_int {
+    guard(-1, || {
+        let Some(e) = engine() else {
+            return 0;
+        };
+        match e.set_rt_priority(priority) {
+            Ok(()) => 0,
+            Err(err) => {
+                set_errno(err.raw_os_error().unwrap_or(libc::EINVAL));
+                -1
+            }
         }
-    }
+    })
 }
 
-/// The fault handler's real-time priority (0 = normal scheduling, also
-/// when the engine is inactive).
+/// The priority set by `forkpatch_set_rt_priority` (0 = normal scheduling,
+/// also when the engine is inactive).
 #[no_mangle]
-pub extern "C" fn forkpatch_fault_priority() -> c_int {
-    engine().map_or(0, |e| e.fault_priority())
+pub extern "C" fn forkpatch_rt_priority() -> c_int {
+    guard(0, || engine().map_or(0, |e| e.rt_priority()))
 }
 
 /// Redis' cpulist format (setcpuaffinity.c): comma-separated items, each
@@ -234,26 +268,26 @@ pub fn parse_cpulist(s: &str) -> Option<Vec<usize>> {
 /// while a child lives): cheap, for INFO.
 #[no_mangle]
 pub extern "C" fn forkpatch_overlay_bytes_cached() -> usize {
-    engine().map_or(0, |e| e.overlay_bytes_cached())
+    guard(0, || engine().map_or(0, |e| e.overlay_bytes_cached()))
 }
 
 /// Bytes of memory held by the heap memfd (its resident pages, mapped or
 /// not): process RSS undercounts them after a fold-back.
 #[no_mangle]
 pub extern "C" fn forkpatch_region_resident_bytes() -> u64 {
-    engine().map_or(0, |e| e.resident_bytes())
+    guard(0, || engine().map_or(0, |e| e.resident_bytes()))
 }
 
 /// 1 in a child created by `forkpatch_fork`.
 #[no_mangle]
 pub extern "C" fn forkpatch_in_child() -> c_int {
-    engine().is_some_and(|e| e.in_child()) as c_int
+    guard(0, || engine().is_some_and(|e| e.in_child()) as c_int)
 }
 
 /// Bytes the parent currently holds copied-on-write (walks page tables).
 #[no_mangle]
 pub extern "C" fn forkpatch_overlay_bytes() -> usize {
-    engine().map_or(0, |e| e.overlay_bytes())
+    guard(0, || engine().map_or(0, |e| e.overlay_bytes()))
 }
 
 /// Fills `*out` with the engine's counters (zeros if inactive).
@@ -262,17 +296,31 @@ pub extern "C" fn forkpatch_overlay_bytes() -> usize {
 /// `out` must be NULL or point to a writable `struct forkpatch_stats`.
 #[no_mangle]
 pub unsafe extern "C" fn forkpatch_stats(out: *mut Stats) {
-    if out.is_null() {
-        return;
-    }
-    let s = engine().map(|e| e.stats()).unwrap_or_default();
-    // SAFETY: the caller guarantees out is valid for writes.
-    unsafe { out.write(s) };
+    guard((), || {
+        if out.is_null() {
+            return;
+        }
+        let s = engine().map(|e| e.stats()).unwrap_or_default();
+        // SAFETY: the caller guarantees out is valid for writes.
+        unsafe { out.write(s) };
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_cpulist;
+    use super::{guard, parse_cpulist};
+
+    #[test]
+    fn a_panic_becomes_the_fallback_with_eio() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = guard(-1, || -> i32 { panic!("injected") });
+        std::panic::set_hook(prev);
+        assert_eq!(r, -1);
+        // SAFETY: reads this thread's errno.
+        assert_eq!(unsafe { *libc::__errno_location() }, libc::EIO);
+        assert_eq!(guard(-1, || 5), 5);
+    }
 
     #[test]
     fn cpulists() {

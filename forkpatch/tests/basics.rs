@@ -219,7 +219,13 @@ fn engine_threads_follow_the_cpu_list() {
     }
 }
 
-/// Scheduling policy and real-time priority of thread `tid` of this process.
+fn sys_gettid() -> libc::pid_t {
+    // SAFETY: no arguments.
+    unsafe { libc::gettid() }
+}
+
+/// Scheduling policy and real-time priority of thread `tid` of this process
+/// (0 = the calling thread).
 fn thread_sched(tid: libc::pid_t) -> (i32, i32) {
     let mut p = libc::sched_param { sched_priority: 0 };
     // SAFETY: queries a thread of our own process into a local.
@@ -229,29 +235,29 @@ fn thread_sched(tid: libc::pid_t) -> (i32, i32) {
 }
 
 #[test]
-fn fault_handler_priority_is_applied_and_a_fold_still_works() {
+fn rt_priority_applies_to_the_fault_handler_and_a_fold_still_works() {
     let e = engine(64 << 20);
     let tid = e.fault_handler_tid();
     assert!(tid > 0);
-    assert_eq!(e.fault_priority(), 0, "normal scheduling until asked");
+    assert_eq!(e.rt_priority(), 0, "normal scheduling until asked");
     assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
-    let bad = e.set_fault_priority(100).unwrap_err();
+    let bad = e.set_rt_priority(100).unwrap_err();
     assert_eq!(bad.raw_os_error(), Some(libc::EINVAL));
-    assert!(e.set_fault_priority(-1).is_err());
+    assert!(e.set_rt_priority(-1).is_err());
     assert_eq!(
         thread_sched(tid).0,
         libc::SCHED_OTHER,
         "errors change nothing"
     );
-    match e.set_fault_priority(3) {
+    match e.set_rt_priority(3) {
         Ok(()) => {
             assert_eq!(thread_sched(tid), (libc::SCHED_FIFO, 3));
-            assert_eq!(e.fault_priority(), 3);
+            assert_eq!(e.rt_priority(), 3);
         }
         // Without CAP_SYS_NICE the kernel refuses; nothing may change.
         Err(err) => {
             assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
-            assert_eq!(e.fault_priority(), 0);
+            assert_eq!(e.rt_priority(), 0);
             assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
         }
     }
@@ -278,7 +284,26 @@ fn fault_handler_priority_is_applied_and_a_fold_still_works() {
     let pid = fork_checker(&e, s, last, 0);
     assert_eq!(reap(pid), 0);
     e.child_exited(pid);
-    e.set_fault_priority(0).unwrap();
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    // The handler's policy stays its own: the forking thread and its child
+    // keep normal scheduling.
+    let me = sys_gettid();
+    let before = thread_sched(me);
+    assert_eq!(before.0, libc::SCHED_OTHER);
+    match e.fork(true).unwrap() {
+        Forked::Child => {
+            let ok = thread_sched(0).0 == libc::SCHED_OTHER;
+            // SAFETY: leaves the child without unwinding.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        Forked::Parent(pid) => {
+            assert_eq!(thread_sched(me), before);
+            assert_eq!(reap(pid), 0, "child runs SCHED_OTHER");
+            e.child_exited(pid);
+        }
+    }
+    assert!(e.wait_idle(Duration::from_secs(10)));
+    e.set_rt_priority(0).unwrap();
     assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
     assert!(e.wait_idle(Duration::from_secs(10)));
 }

@@ -825,7 +825,7 @@ fn fault_handler_policy(pid: u32) -> i32 {
 }
 
 #[test]
-fn fault_handler_priority_config() {
+fn rt_priority_config() {
     let Some(bin) = server_bin() else { return };
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
@@ -838,12 +838,12 @@ fn fault_handler_priority_config() {
     let get = |c: &mut redis::Connection| -> Vec<String> {
         redis::cmd("CONFIG")
             .arg("GET")
-            .arg("async-fork-fault-priority")
+            .arg("async-fork-rt-priority")
             .query(c)
             .unwrap()
     };
-    assert_eq!(get(&mut c), ["async-fork-fault-priority", "1"]);
-    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "1");
+    assert_eq!(get(&mut c), ["async-fork-rt-priority", "1"]);
+    assert_eq!(s.field("persistence", "async_fork_rt_priority"), "1");
     assert_eq!(fault_handler_policy(pid), libc::SCHED_FIFO);
     assert!(
         s.log()
@@ -854,18 +854,18 @@ fn fault_handler_priority_config() {
     let set = |c: &mut redis::Connection, v: &str| -> redis::RedisResult<()> {
         redis::cmd("CONFIG")
             .arg("SET")
-            .arg("async-fork-fault-priority")
+            .arg("async-fork-rt-priority")
             .arg(v)
             .query(c)
     };
     assert!(set(&mut c, "100").is_err());
     assert!(set(&mut c, "-1").is_err());
-    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "1");
+    assert_eq!(s.field("persistence", "async_fork_rt_priority"), "1");
     set(&mut c, "0").unwrap();
-    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "0");
+    assert_eq!(s.field("persistence", "async_fork_rt_priority"), "0");
     assert_eq!(fault_handler_policy(pid), libc::SCHED_OTHER);
     set(&mut c, "7").unwrap();
-    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "7");
+    assert_eq!(s.field("persistence", "async_fork_rt_priority"), "7");
     assert_eq!(fault_handler_policy(pid), libc::SCHED_FIFO);
     // Snapshots stay exact with the real-time handler serving the fold.
     populate(&s);
@@ -878,6 +878,12 @@ fn fault_handler_priority_config() {
     }
     let last = w.stop();
     assert_eq!(check_prefix(&mut s.conn(), BASE_KEYS), last);
+    // The handler's policy is its own: the main thread stays normal.
+    // SAFETY: a query with no memory arguments.
+    assert_eq!(
+        unsafe { libc::sched_getscheduler(pid as libc::pid_t) },
+        libc::SCHED_OTHER
+    );
     drop(s);
 
     // Without CAP_SYS_NICE (dropped from the bounding set, so root does not
@@ -895,7 +901,7 @@ fn fault_handler_priority_config() {
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--enable-debug-command", "yes"])
         .args(["--logfile", "server.log"])
-        .args(["--async-fork-fault-priority", "5"])
+        .args(["--async-fork-rt-priority", "5"])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -912,19 +918,19 @@ fn fault_handler_priority_config() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(s.field("persistence", "async_fork_active"), "1");
-    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "0");
+    assert_eq!(s.field("persistence", "async_fork_rt_priority"), "0");
     assert_eq!(fault_handler_policy(s.child.id()), libc::SCHED_OTHER);
     assert!(
         s.log()
-            .contains("fault handler stays at normal priority (async-fork-fault-priority 5"),
+            .contains("fault handler stays at normal priority (async-fork-rt-priority 5"),
         "{}",
         s.log()
     );
     let mut c = s.conn();
     let err = set(&mut c, "3").unwrap_err();
     assert!(err.to_string().contains("CAP_SYS_NICE"), "{err}");
-    assert_eq!(get(&mut c), ["async-fork-fault-priority", "5"]);
-    assert_eq!(s.field("persistence", "async_fork_fault_priority"), "0");
+    assert_eq!(get(&mut c), ["async-fork-rt-priority", "5"]);
+    assert_eq!(s.field("persistence", "async_fork_rt_priority"), "0");
     populate(&s);
     let _: String = redis::cmd("BGSAVE").query(&mut s.conn()).unwrap();
     s.wait_bgsave();

@@ -19,9 +19,9 @@ int main(void) {
         return 0;
     }
     CHECK(forkpatch_disabled_reason() == NULL);
-    CHECK(forkpatch_fault_priority() == 0);
-    CHECK(forkpatch_set_fault_priority(100) == -1 && errno == EINVAL);
-    CHECK(forkpatch_set_fault_priority(0) == 0 && forkpatch_fault_priority() == 0);
+    CHECK(forkpatch_rt_priority() == 0);
+    CHECK(forkpatch_set_rt_priority(100) == -1 && errno == EINVAL);
+    CHECK(forkpatch_set_rt_priority(0) == 0 && forkpatch_rt_priority() == 0);
     unsigned char *p = forkpatch_region_alloc(LEN, 1u << 21);
     CHECK(p && forkpatch_region_contains(p) && !forkpatch_region_contains(&p));
     memset(p, 0x11, LEN);

@@ -113,13 +113,13 @@ struct Args {
     /// closed-loop clients leave the save child little CPU.
     #[arg(long, default_value_t = 0)]
     client_rt_priority: i32,
-    /// The patched server's `async-fork-fault-priority` (SCHED_FIFO priority
+    /// The patched server's `async-fork-rt-priority` (SCHED_FIFO priority
     /// of its fault handler). Default: one above --client-rt-priority when
     /// the clients are real-time (on a production host the clients live on
     /// other machines and never get ahead of the handler; here they share its
     /// CPUs), else the server's default (1).
     #[arg(long)]
-    fault_priority: Option<i32>,
+    rt_priority: Option<i32>,
     /// CPU availability probe period in milliseconds (0 = off): a
     /// real-time thread on each CPU records how late it wakes (see
     /// bench/common/noise.rs). Requests that overlapped a probe stall of
@@ -189,10 +189,10 @@ fn start(bin: &Path, patched: bool, a: &Args) -> Server {
     }
     if patched {
         let prio = a
-            .fault_priority
+            .rt_priority
             .or((a.client_rt_priority > 0).then(|| (a.client_rt_priority + 1).min(99)));
         if let Some(p) = prio {
-            cmd.args(["--async-fork-fault-priority", &p.to_string()]);
+            cmd.args(["--async-fork-rt-priority", &p.to_string()]);
         }
     }
     let child = cmd
@@ -448,8 +448,8 @@ struct ServerReport {
     loadavg_after: String,
     keys: usize,
     populate_secs: f64,
-    /// Patched: `async_fork_fault_priority` as the server applied it.
-    fault_priority: u64,
+    /// Patched: `async_fork_rt_priority` as the server applied it.
+    rt_priority: u64,
     used_memory: u64,
     used_memory_rss: u64,
     /// Memory (unique, as in `MemSample`) just before the first save.
@@ -582,7 +582,7 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
         keys,
         populate_secs,
         used_memory: num(&mut c, "memory", "used_memory"),
-        fault_priority: num(&mut c, "persistence", "async_fork_fault_priority"),
+        rt_priority: num(&mut c, "persistence", "async_fork_rt_priority"),
         ..ServerReport::default()
     };
     let t0 = Instant::now();
