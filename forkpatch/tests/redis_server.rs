@@ -56,8 +56,27 @@ impl Server {
     }
 
     fn start_in(bin: &Path, dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        Self::start_wrapped(&[], bin, dir, extra)
+    }
+
+    /// Starts the server through `wrapper` (e.g. `setpriv ... --`, which
+    /// execs it, so killing the child kills the server), or directly.
+    fn start_wrapped(
+        wrapper: &[&str],
+        bin: &Path,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+    ) -> Server {
         let port = free_port();
-        let child = Command::new(bin)
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args([
                 "--port",
                 &port.to_string(),
@@ -705,39 +724,18 @@ fn unprivileged_server_falls_back_to_stock_fork() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let port = free_port();
-    // setpriv execs the server itself, so killing the child kills the server.
-    let child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--enable-debug-command", "yes", "--logfile", "server.log"])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = Server { child, port, dir };
-    let t = Instant::now();
-    while s
-        .try_conn()
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_err()
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "server did not start: {}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let s = Server::start_wrapped(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ],
+        &bin,
+        dir,
+        &[],
+    );
     assert_eq!(s.field("persistence", "async_fork_active"), "0");
     assert!(s
         .field("persistence", "async_fork_status")
@@ -893,30 +891,17 @@ fn rt_priority_config() {
         eprintln!("skipped the CAP_SYS_NICE part: no setpriv");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = Command::new("setpriv")
-        .args(["--bounding-set=-sys_nice", "--inh-caps=-sys_nice", "--"])
-        .arg(&bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--enable-debug-command", "yes"])
-        .args(["--logfile", "server.log"])
-        .args(["--async-fork-rt-priority", "5"])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = Server { child, port, dir };
-    let t = Instant::now();
-    while s
-        .try_conn()
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_err()
-    {
-        assert!(t.elapsed() < Duration::from_secs(20), "{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let s = Server::start_wrapped(
+        &[
+            "setpriv",
+            "--bounding-set=-sys_nice",
+            "--inh-caps=-sys_nice",
+            "--",
+        ],
+        &bin,
+        tempfile::tempdir().unwrap(),
+        &["--async-fork-rt-priority", "5"],
+    );
     assert_eq!(s.field("persistence", "async_fork_active"), "1");
     assert_eq!(s.field("persistence", "async_fork_rt_priority"), "0");
     assert_eq!(fault_handler_policy(s.child.id()), libc::SCHED_OTHER);
