@@ -757,32 +757,42 @@ fn unprivileged_server_falls_back_to_stock_fork() {
     check_rdb(&bin, &s.dir.path().join("dump.rdb"), BASE_KEYS);
 }
 
+/// The server's engine threads (named `forkpatch-*`): (name, tid), sorted.
+fn engine_threads(pid: u32) -> Vec<(String, libc::pid_t)> {
+    let mut v: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let comm = comm.trim_end();
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            comm.starts_with("forkpatch-")
+                .then(|| (comm.to_string(), tid))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn fold_thread_runs_on_bio_cpulist() {
     let Some(bin) = server_bin() else { return };
     let s = Server::start(&bin, &["--bio_cpulist", "0"]);
     assert_eq!(s.field("persistence", "async_fork_active"), "1");
     let pid = s.child.id();
-    let mut seen = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let comm = comm.trim_end().to_string();
-        if !comm.starts_with("forkpatch-") {
-            continue;
-        }
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_string();
-        seen.push((comm, cpus));
-    }
-    seen.sort();
+    let seen: Vec<(String, String)> = engine_threads(pid)
+        .into_iter()
+        .map(|(comm, tid)| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            (comm, cpus)
+        })
+        .collect();
     // The fold thread follows bio_cpulist; the fault handler stays where the
     // server started it (all CPUs here), see Engine::set_thread_cpus.
     assert_eq!(seen.len(), 2, "{seen:?}");
@@ -808,18 +818,12 @@ fn fold_thread_runs_on_bio_cpulist() {
 
 /// Scheduling policy of the patched server's fault-handler thread.
 fn fault_handler_policy(pid: u32) -> i32 {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == "forkpatch-uffd" {
-            let tid: libc::pid_t = t.file_name().to_str().unwrap().parse().unwrap();
-            // SAFETY: a query with no memory arguments.
-            return unsafe { libc::sched_getscheduler(tid) };
-        }
-    }
-    panic!("no forkpatch-uffd thread in {pid}");
+    let (_, tid) = engine_threads(pid)
+        .into_iter()
+        .find(|(comm, _)| comm == "forkpatch-uffd")
+        .unwrap_or_else(|| panic!("no forkpatch-uffd thread in {pid}"));
+    // SAFETY: a query with no memory arguments.
+    unsafe { libc::sched_getscheduler(tid) }
 }
 
 #[test]
