@@ -356,6 +356,8 @@ sds fpInfoPersistence(sds info) {
         "async_fork_last_switch_usec:%llu\r\n"
         "async_fork_last_fold_usec:%llu\r\n"
         "async_fork_last_fold_final_usec:%llu\r\n"
+        "async_fork_last_fold_final_cpu_usec:%llu\r\n"
+        "async_fork_last_fold_final_pages:%llu\r\n"
         "async_fork_last_fold_lock_wait_usec:%llu\r\n"
         "async_fork_last_overlay_bytes:%llu\r\n"
         "async_fork_current_overlay_bytes:%zu\r\n"
@@ -367,6 +369,8 @@ sds fpInfoPersistence(sds info) {
         (unsigned long long)s.last_switch_usec,
         (unsigned long long)s.last_fold_usec,
         (unsigned long long)s.last_fold_final_usec,
+        (unsigned long long)s.last_fold_final_cpu_usec,
+        (unsigned long long)s.last_fold_final_pages,
         (unsigned long long)s.last_fold_lock_wait_usec,
         (unsigned long long)s.last_overlay_bytes,
         forkpatch_overlay_bytes_cached(),

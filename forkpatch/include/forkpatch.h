@@ -61,6 +61,11 @@ struct forkpatch_stats {
     uint64_t last_fold_rounds;
     uint64_t last_fold_final_usec;  /* writers could wait this long */
     uint64_t last_fold_final_pages;
+    uint64_t last_fold_final_cpu_usec; /* CPU time of that final step: far
+                                          below last_fold_final_usec means
+                                          the fold thread waited for a CPU */
+    uint64_t last_fold_final_priority; /* SCHED_FIFO priority it ran at
+                                          (0: normal scheduling) */
     uint64_t last_fold_lock_wait_usec; /* waited, parking nobody, for the
                                           address-space lock to be free
                                           before the final step */

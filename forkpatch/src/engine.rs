@@ -145,6 +145,11 @@ pub struct Stats {
     /// Time writers could be blocked in the last fold's final step.
     pub last_fold_final_usec: u64,
     pub last_fold_final_pages: u64,
+    /// CPU time the fold thread used in that final step: far below
+    /// `last_fold_final_usec` means it waited for a CPU, not for work.
+    pub last_fold_final_cpu_usec: u64,
+    /// `SCHED_FIFO` priority that final step ran at (0: normal scheduling).
+    pub last_fold_final_priority: u64,
     /// Time the last fold waited, parking nobody, for the address-space lock
     /// to be free before its final step (see `fold_inner`).
     pub last_fold_lock_wait_usec: u64,
@@ -160,6 +165,40 @@ pub struct Stats {
     pub flips_with_kept_tables: u64,
 }
 
+/// Runs the calling thread `SCHED_FIFO` at a priority until dropped (every
+/// return path of the flip, errors included), then `SCHED_OTHER` again.
+/// Priority 0, or a refused raise (no `CAP_SYS_NICE`), changes nothing.
+struct FinalStepPriority(i32);
+
+impl FinalStepPriority {
+    fn raise(priority: i32) -> Self {
+        let ok = priority > 0 && sys::set_thread_fifo(0, priority).is_ok();
+        Self(if ok { priority } else { 0 })
+    }
+
+    /// The priority in force (0: normal scheduling).
+    fn priority(&self) -> i32 {
+        self.0
+    }
+}
+
+impl Drop for FinalStepPriority {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            let _ = sys::set_thread_fifo(0, 0);
+        }
+    }
+}
+
+/// What a successful fold reports (pages and the final step's cost).
+struct Folded {
+    overlay: usize,
+    final_pages: usize,
+    final_us: u64,
+    final_cpu_us: u64,
+    final_priority: i32,
+}
+
 #[derive(Default)]
 struct Counters {
     forks: AtomicU64,
@@ -173,6 +212,8 @@ struct Counters {
     last_fold_rounds: AtomicU64,
     last_fold_final_usec: AtomicU64,
     last_fold_final_pages: AtomicU64,
+    last_fold_final_cpu_usec: AtomicU64,
+    last_fold_final_priority: AtomicU64,
     last_fold_lock_wait_usec: AtomicU64,
     last_overlay_bytes: AtomicU64,
     total_overlay_bytes: AtomicU64,
@@ -640,6 +681,8 @@ impl Engine {
             last_fold_rounds: c.last_fold_rounds.load(SeqCst),
             last_fold_final_usec: c.last_fold_final_usec.load(SeqCst),
             last_fold_final_pages: c.last_fold_final_pages.load(SeqCst),
+            last_fold_final_cpu_usec: c.last_fold_final_cpu_usec.load(SeqCst),
+            last_fold_final_priority: c.last_fold_final_priority.load(SeqCst),
             last_fold_lock_wait_usec: c.last_fold_lock_wait_usec.load(SeqCst),
             last_overlay_bytes: c.last_overlay_bytes.load(SeqCst),
             total_overlay_bytes: c.total_overlay_bytes.load(SeqCst),
@@ -1257,13 +1300,22 @@ impl Inner {
         // A successful flip took them; a failed fold leaves them unused.
         self.drop_kept_shared();
         match r {
-            Ok((overlay, final_pages, final_us)) => {
+            Ok(Folded {
+                overlay,
+                final_pages,
+                final_us,
+                final_cpu_us,
+                final_priority,
+            }) => {
                 let c = &self.c;
                 c.folds.fetch_add(1, SeqCst);
                 c.last_fold_usec.store(usec(t0.elapsed()), SeqCst);
                 c.last_fold_rounds.store(rounds, SeqCst);
                 c.last_fold_final_usec.store(final_us, SeqCst);
                 c.last_fold_final_pages.store(final_pages as u64, SeqCst);
+                c.last_fold_final_cpu_usec.store(final_cpu_us, SeqCst);
+                c.last_fold_final_priority
+                    .store(final_priority as u64, SeqCst);
                 c.last_overlay_bytes.store((overlay * PAGE) as u64, SeqCst);
                 c.total_overlay_bytes
                     .fetch_add((overlay * PAGE) as u64, SeqCst);
@@ -1344,8 +1396,8 @@ impl Inner {
         Ok(calls)
     }
 
-    /// Background fold-back; returns (overlay pages, final pages, final us).
-    fn fold_inner(&self, rounds: &mut u64) -> Result<(usize, usize, u64), (String, io::Error)> {
+    /// Background fold-back.
+    fn fold_inner(&self, rounds: &mut u64) -> Result<Folded, (String, io::Error)> {
         let (base, reserve) = (self.base, self.reserve);
         let mut buf = vec![PageRegion::default(); 1024];
         let mut runs: Vec<(usize, usize)> = Vec::with_capacity(1024);
@@ -1447,11 +1499,22 @@ impl Inner {
 
         // 3. Flip. From the moment the handler is in FINAL mode no write
         //    fault is resolved until the heap is shared again.
+        //
+        // The flip runs at the fault handler's real-time priority, for the
+        // same reason the handler does: any thread that touches the heap
+        // now waits for this one, so it must not wait for a CPU itself. It
+        // sleeps once in the middle (the heap move's REMAP event must be
+        // read by the handler before mremap returns), and a normal task
+        // woken on a busy CPU can wait out another task's time slice first.
+        let rt = FinalStepPriority::raise(*lock(&self.handler_priority));
         // Timed from here: from now on a write fault is not resolved, so
         // the wait for the handler to finish its message counts too.
         let tf = Instant::now();
+        let tf_cpu = sys::thread_cpu_time();
         self.hmode.store(H_FINAL, SeqCst);
         self.handler_quiesce();
+        let mut marks = [tf; 6];
+        marks[0] = Instant::now();
         // Not merged here (unlike the rounds): writers are parked, so the
         // main thread's CPU is idle and needs no TLB-flush IPI, while each
         // merged gap would be walked inside the final step.
@@ -1469,6 +1532,7 @@ impl Inner {
             }
             return Err(("final re-protect".into(), e));
         }
+        marks[1] = Instant::now();
         // Every page is now protected or untouched since the last copy.
         // Minor/missing faults make any access to the emptied heap wait too.
         let moved = self
@@ -1482,6 +1546,7 @@ impl Inner {
             // SAFETY: s2 is our reservation; H keeps its VMA (now empty,
             // every access traps to the handler, which holds it).
             .and_then(|_| {
+                marks[2] = Instant::now();
                 unsafe { sys::mremap_dontunmap(base, reserve, s2) }.map_err(ctx("move heap tables"))
             });
         if let Err(e) = moved {
@@ -1492,6 +1557,7 @@ impl Inner {
             }
             return Err(e);
         }
+        marks[3] = Instant::now();
         // The old tables must not be copied by a later fork while they wait
         // to be unmapped.
         let _ = sys::madvise_nondestructive(s2, reserve, libc::MADV_DONTFORK);
@@ -1530,6 +1596,7 @@ impl Inner {
         // SAFETY: H is empty (its tables are at s2) and every access to it
         // is parked in the handler; the shared mapping shows the memfd, which
         // now holds every byte the private view showed.
+        marks[4] = Instant::now();
         let r = r.and_then(|n| {
             final_pages += n;
             unsafe { self.flip_shared(base, reserve) }
@@ -1545,11 +1612,35 @@ impl Inner {
             return Err(("flip to shared".into(), e));
         }
         // Measured before the wake: once woken, writers may preempt us.
+        // CPU first: the wall interval then contains the CPU one.
+        let final_cpu_us = usec(sys::thread_cpu_time().saturating_sub(tf_cpu));
         let final_us = usec(tf.elapsed());
         self.hmode.store(H_IDLE, SeqCst);
         let _ = self.uffd.wake(base, reserve);
+        let final_priority = rt.priority();
+        drop(rt);
+        if self.debug_rounds {
+            marks[5] = tf + Duration::from_micros(final_us);
+            let d: Vec<u64> = marks.windows(2).map(|w| usec(w[1] - w[0])).collect();
+            eprintln!(
+                "fold final step: {final_us} us (CPU {final_cpu_us}, {final_pages} pages): \
+                 quiesce {}, re-protect {}, register {}, move {}, copy {}, map shared {}",
+                usec(marks[0] - tf),
+                d[0],
+                d[1],
+                d[2],
+                d[3],
+                d[4]
+            );
+        }
         self.queue_unmap(s2);
-        Ok((overlay, final_pages, final_us))
+        Ok(Folded {
+            overlay,
+            final_pages,
+            final_us,
+            final_cpu_us,
+            final_priority,
+        })
     }
 
     /// Maps the heap shared again over the emptied H.

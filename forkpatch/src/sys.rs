@@ -234,6 +234,19 @@ pub fn set_thread_affinity(tid: libc::pid_t, cpus: &[usize]) -> io::Result<()> {
 
 /// Schedules thread `tid` of this process `SCHED_FIFO` at `priority`
 /// (1-99), or `SCHED_OTHER` for 0.
+/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the kernel writes one timespec into `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 pub fn set_thread_fifo(tid: libc::pid_t, priority: i32) -> io::Result<()> {
     let policy = if priority > 0 {
         libc::SCHED_FIFO

@@ -162,23 +162,36 @@ fn ncpus() -> usize {
 
 /// CPUs allowed for each of this process' threads whose name starts with
 /// `prefix`, from /proc (one entry per thread).
-fn thread_cpus(prefix: &str) -> Vec<String> {
+/// Tids of this process' threads whose name starts with `prefix`.
+fn thread_ids(prefix: &str) -> Vec<libc::pid_t> {
     let mut out = Vec::new();
     for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if !comm.trim_end().starts_with(prefix) {
-            continue;
+        if comm.trim_end().starts_with(prefix) {
+            out.extend(
+                t.file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<libc::pid_t>().ok()),
+            );
         }
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        out.push(cpus);
     }
     out
+}
+
+fn thread_cpus(prefix: &str) -> Vec<String> {
+    thread_ids(prefix)
+        .into_iter()
+        .map(|tid| {
+            let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                .unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .collect()
 }
 
 #[test]
@@ -214,7 +227,15 @@ fn engine_threads_follow_the_cpu_list() {
             assert_eq!(reap(pid), 0);
             e.child_exited(pid);
             assert!(e.wait_idle(Duration::from_secs(10)));
-            assert_eq!(e.stats().folds, 1);
+            let s = e.stats();
+            assert_eq!(s.folds, 1);
+            // The final step's CPU time is reported and lies within its
+            // wall time.
+            assert!(
+                s.last_fold_final_cpu_usec > 0
+                    && s.last_fold_final_cpu_usec <= s.last_fold_final_usec,
+                "{s:?}"
+            );
         }
     }
 }
@@ -244,18 +265,20 @@ fn rt_priority_applies_to_the_fault_handler_and_a_fold_still_works() {
         libc::SCHED_OTHER,
         "errors change nothing"
     );
-    match e.set_rt_priority(3) {
+    let rt = match e.set_rt_priority(3) {
         Ok(()) => {
             assert_eq!(thread_sched(tid), (libc::SCHED_FIFO, 3));
             assert_eq!(e.rt_priority(), 3);
+            3
         }
         // Without CAP_SYS_NICE the kernel refuses; nothing may change.
         Err(err) => {
             assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
             assert_eq!(e.rt_priority(), 0);
             assert_eq!(thread_sched(tid).0, libc::SCHED_OTHER);
+            0
         }
-    }
+    };
     // A fold whose first writes go through the (real-time) handler.
     let len = 4 << 20;
     let p = e.alloc(len, 4096).unwrap().as_ptr();
@@ -275,6 +298,15 @@ fn rt_priority_applies_to_the_fault_handler_and_a_fold_still_works() {
     assert!(e.wait_idle(Duration::from_secs(10)));
     let last = 3 + 49 % 4;
     assert!(s.iter().all(|&x| x == last));
+    // The fold's final step ran at the handler's priority, and the fold
+    // thread went back to normal scheduling after it. (Only this test raises
+    // a priority, so every engine's fold thread in the process is normal.)
+    assert_eq!(e.stats().last_fold_final_priority, rt as u64);
+    let folds = thread_ids("forkpatch-fold");
+    assert!(!folds.is_empty());
+    for t in folds {
+        assert_eq!(thread_sched(t).0, libc::SCHED_OTHER, "fold thread {t}");
+    }
     // The next snapshot sees exactly the folded heap.
     let pid = fork_checker(&e, s, last, 0);
     assert_eq!(reap(pid), 0);

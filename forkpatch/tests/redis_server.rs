@@ -347,6 +347,15 @@ fn bgsave_holds_exactly_the_dataset_at_the_fork() {
     }
     let folds: u64 = s.field("persistence", "async_fork_folds").parse().unwrap();
     assert!(folds >= 3, "{}", s.info("persistence"));
+    // The last fold's final step: its CPU time within its wall time, and
+    // the pages it copied, reported.
+    let field = |n: &str| -> u64 { s.field("persistence", n).parse().unwrap() };
+    let (wall, cpu) = (
+        field("async_fork_last_fold_final_usec"),
+        field("async_fork_last_fold_final_cpu_usec"),
+    );
+    assert!(cpu > 0 && cpu <= wall, "{}", s.info("persistence"));
+    field("async_fork_last_fold_final_pages");
     eprintln!(
         "latest_fork_usec {} last_fold_usec {} overlay {}",
         s.field("stats", "latest_fork_usec"),

@@ -11,7 +11,7 @@
 #define CHECK(c) do { if (!(c)) { fprintf(stderr, "FAIL %s:%d %s\n", __FILE__, __LINE__, #c); return 1; } } while (0)
 
 int main(void) {
-    CHECK(sizeof(struct forkpatch_stats) == 152);
+    CHECK(sizeof(struct forkpatch_stats) == 168);
     if (!forkpatch_init(1u << 30, 0)) {
         printf("inactive: %s\n", forkpatch_disabled_reason());
         CHECK(forkpatch_disabled_reason() != NULL);

@@ -424,6 +424,10 @@ struct Save {
     fold_end_ms: f64,
     fold_usec: u64,
     fold_final_usec: u64,
+    /// Patched: CPU time the fold thread used in that final step, and the
+    /// pages it copied there (wall far above CPU: it waited for a CPU).
+    fold_final_cpu_usec: u64,
+    fold_final_pages: u64,
     /// Patched: the fold's wait for a free address-space lock before its
     /// final step (nobody parked meanwhile).
     fold_lock_wait_usec: u64,
@@ -663,6 +667,8 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             fold_end_ms: ms(fold_end),
             fold_usec: num(&mut c, "persistence", "async_fork_last_fold_usec"),
             fold_final_usec: num(&mut c, "persistence", "async_fork_last_fold_final_usec"),
+            fold_final_cpu_usec: num(&mut c, "persistence", "async_fork_last_fold_final_cpu_usec"),
+            fold_final_pages: num(&mut c, "persistence", "async_fork_last_fold_final_pages"),
             fold_lock_wait_usec: num(&mut c, "persistence", "async_fork_last_fold_lock_wait_usec"),
             overlay_bytes: num(&mut c, "persistence", "async_fork_last_overlay_bytes"),
             ..Save::default()
@@ -674,13 +680,15 @@ fn run(flavour: &str, bin: &Path, gib: usize, a: &Args) -> ServerReport {
             }
         }
         println!(
-            "[{flavour} {gib} GiB] save {}: fork {} us (switch {} us), save {:.0} ms, fold {:.0} ms (final step {} us, lock wait {} us), peak memory {:.3} GB",
+            "[{flavour} {gib} GiB] save {}: fork {} us (switch {} us), save {:.0} ms, fold {:.0} ms (final step {} us, CPU {} us, {} pages; lock wait {} us), peak memory {:.3} GB",
             i + 1,
             save.fork_usec,
             save.switch_usec,
             save.save_ms,
             save.fold_end_ms - save.save_end_ms,
             save.fold_final_usec,
+            save.fold_final_cpu_usec,
+            save.fold_final_pages,
             save.fold_lock_wait_usec,
             save.peak_unique as f64 / 1e9
         );
