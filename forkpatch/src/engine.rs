@@ -71,8 +71,8 @@ pub struct Config {
     /// pages: they are copied while writers wait. Each costs the final step
     /// 4-8 us of CPU here (re-protect, page-table scan and copy per dirty
     /// run); under the latency harness' load at 1 GiB, 256 gave final steps
-    /// of 54-129 pages and 0.45-1.05 ms, 32 gave 6-21 pages and 0.26-0.30 ms
-    /// with fold times unchanged (one or two more rounds, a few ms each).
+    /// of 3-129 pages and 0.33-1.05 ms, 32 gave 5-21 pages and 0.26-0.44 ms
+    /// with fold times unchanged (bench/README.md, "Final step").
     pub final_max_pages: usize,
     /// Upper bound on background rounds before flipping anyway.
     pub max_rounds: usize,
