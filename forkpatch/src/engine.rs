@@ -1517,27 +1517,18 @@ impl Inner {
         let tf_cpu = sys::thread_cpu_time();
         self.hmode.store(H_FINAL, SeqCst);
         self.handler_quiesce();
-        let mut marks = [tf; 6];
+        let mut marks = [tf; 5];
         marks[0] = Instant::now();
-        // Not merged here (unlike the rounds): writers are parked, so the
-        // main thread's CPU is idle and needs no TLB-flush IPI, while each
-        // merged gap would be walked inside the final step.
-        let mut err = None;
-        self.dirty_runs(wp_end, false, |o, l| {
-            if let Err(e) = self.uffd.writeprotect(base + o, l, true, false) {
-                err.get_or_insert(e);
-            }
-        });
-        if let Some(e) = err {
-            self.abort_before_flip();
-            // SAFETY: s2 is an unused reservation.
-            unsafe {
-                let _ = sys::munmap(s2, reserve);
-            }
-            return Err(("final re-protect".into(), e));
-        }
-        marks[1] = Instant::now();
-        // Every page is now protected or untouched since the last copy.
+        // The dirty pages are not write-protected again here. A write to one
+        // before the move below lands in its private page, which the move
+        // carries to S2 and the copy after it takes, like the pages the heap
+        // grew by since the last round (never protected at all); mremap
+        // flushes the TLB before it returns, so nothing writes through H
+        // after. Re-protecting them cost one call and one TLB flush per
+        // dirty run while writers were parked (see forkpatch/DESIGN.md,
+        // fold-back point 4).
+        // Every page is now protected, untouched since the last copy, or
+        // dirty and recorded (copied after the move).
         // Minor/missing faults make any access to the emptied heap wait too.
         let moved = self
             .uffd
@@ -1550,7 +1541,7 @@ impl Inner {
             // SAFETY: s2 is our reservation; H keeps its VMA (now empty,
             // every access traps to the handler, which holds it).
             .and_then(|_| {
-                marks[2] = Instant::now();
+                marks[1] = Instant::now();
                 unsafe { sys::mremap_dontunmap(base, reserve, s2) }.map_err(ctx("move heap tables"))
             });
         if let Err(e) = moved {
@@ -1561,7 +1552,7 @@ impl Inner {
             }
             return Err(e);
         }
-        marks[3] = Instant::now();
+        marks[2] = Instant::now();
         // The old tables must not be copied by a later fork while they wait
         // to be unmapped.
         let _ = sys::madvise_nondestructive(s2, reserve, libc::MADV_DONTFORK);
@@ -1600,7 +1591,7 @@ impl Inner {
         // SAFETY: H is empty (its tables are at s2) and every access to it
         // is parked in the handler; the shared mapping shows the memfd, which
         // now holds every byte the private view showed.
-        marks[4] = Instant::now();
+        marks[3] = Instant::now();
         let r = r.and_then(|n| {
             final_pages += n;
             unsafe { self.flip_shared(base, reserve) }
@@ -1624,17 +1615,16 @@ impl Inner {
         let final_priority = rt.priority();
         drop(rt);
         if self.debug_rounds {
-            marks[5] = tf + Duration::from_micros(final_us);
+            marks[4] = tf + Duration::from_micros(final_us);
             let d: Vec<u64> = marks.windows(2).map(|w| usec(w[1] - w[0])).collect();
             eprintln!(
                 "fold final step: {final_us} us (CPU {final_cpu_us}, {final_pages} pages): \
-                 quiesce {}, re-protect {}, register {}, move {}, copy {}, map shared {}",
+                 quiesce {}, register {}, move {}, copy {}, map shared {}",
                 usec(marks[0] - tf),
                 d[0],
                 d[1],
                 d[2],
-                d[3],
-                d[4]
+                d[3]
             );
         }
         self.queue_unmap(s2);

@@ -513,15 +513,23 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn snapshots_match_model_under_concurrent_writes() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let t = Instant::now();
-    let o = run(300, 32, FaultInjection::None, 0x5EED);
-    assert_eq!(o.failures(), 0, "{o:?}");
-    assert!(
-        o.overlay_bytes > 0,
-        "the parent never copied-on-write: test too weak"
-    );
-    assert!(o.killed > 0);
-    eprintln!("correct engine: {} cycles in {:?}", o.cycles, t.elapsed());
+    // FORKPATCH_STRESS_SEEDS=N runs N differently seeded passes (default 1;
+    // for soak runs after a change to the fold or the flip).
+    let seeds: u64 = std::env::var("FORKPATCH_STRESS_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for k in 0..seeds {
+        let t = Instant::now();
+        let o = run(300, 32, FaultInjection::None, 0x5EED + k);
+        assert_eq!(o.failures(), 0, "seed {k}: {o:?}");
+        assert!(
+            o.overlay_bytes > 0,
+            "the parent never copied-on-write: test too weak"
+        );
+        assert!(o.killed > 0);
+        eprintln!("correct engine: {} cycles in {:?}", o.cycles, t.elapsed());
+    }
 }
 
 #[test]
