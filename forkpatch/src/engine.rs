@@ -68,9 +68,9 @@ pub struct Config {
     /// process would have to; the engine must then refuse to start.
     pub simulate_unprivileged: bool,
     /// Stop iterating and flip when a round leaves at most this many dirty
-    /// pages: they are copied while writers wait. Each costs the final step
-    /// 4-8 us of CPU here (re-protect, page-table scan and copy per dirty
-    /// run); under the latency harness' load at 1 GiB, 256 gave final steps
+    /// pages: they are copied while writers wait. Each cost the final step
+    /// 4-8 us of CPU here (then a re-protect, a page-table scan and a copy
+    /// per dirty run); under the latency harness' load at 1 GiB, 256 gave final steps
     /// of 3-129 pages and 0.33-1.05 ms, 32 gave 5-21 pages and 0.26-0.44 ms
     /// with fold times unchanged (bench/README.md, "Final step").
     pub final_max_pages: usize,
