@@ -2,6 +2,7 @@
 //! fallback when userfaultfd cannot see kernel-mode faults.
 
 mod common;
+mod proc_threads;
 
 use common::{engine, fork_checker, reap};
 use forkpatch::{Config, Engine, Forked};
@@ -160,37 +161,20 @@ fn ncpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// CPUs allowed for each of this process' threads whose name starts with
-/// `prefix`, from /proc (one entry per thread).
 /// Tids of this process' threads whose name starts with `prefix`.
 fn thread_ids(prefix: &str) -> Vec<libc::pid_t> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim_end().starts_with(prefix) {
-            out.extend(
-                t.file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<libc::pid_t>().ok()),
-            );
-        }
-    }
-    out
+    proc_threads::named("self", prefix)
+        .into_iter()
+        .map(|(_, tid)| tid)
+        .collect()
 }
 
+/// CPUs allowed for each of this process' threads whose name starts with
+/// `prefix` (one entry per thread).
 fn thread_cpus(prefix: &str) -> Vec<String> {
     thread_ids(prefix)
         .into_iter()
-        .map(|tid| {
-            let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
-                .unwrap_or_default();
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
+        .map(|tid| proc_threads::cpu_list("self", tid).unwrap_or_default())
         .collect()
 }
 

@@ -8,6 +8,8 @@
 //! snapshot holds exactly a prefix: seq = S, every k:j for j <= S with its
 //! value, nothing above S. The primary must hold every acknowledged write.
 
+mod proc_threads;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -768,19 +770,7 @@ fn unprivileged_server_falls_back_to_stock_fork() {
 
 /// The server's engine threads (named `forkpatch-*`): (name, tid), sorted.
 fn engine_threads(pid: u32) -> Vec<(String, libc::pid_t)> {
-    let mut v: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| {
-            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            let comm = comm.trim_end();
-            let tid = t.file_name().to_str()?.parse().ok()?;
-            comm.starts_with("forkpatch-")
-                .then(|| (comm.to_string(), tid))
-        })
-        .collect();
-    v.sort();
-    v
+    proc_threads::named(&pid.to_string(), "forkpatch-")
 }
 
 #[test]
@@ -791,16 +781,7 @@ fn fold_thread_runs_on_bio_cpulist() {
     let pid = s.child.id();
     let seen: Vec<(String, String)> = engine_threads(pid)
         .into_iter()
-        .map(|(comm, tid)| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-            let cpus = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .unwrap()
-                .trim()
-                .to_string();
-            (comm, cpus)
-        })
+        .map(|(comm, tid)| (comm, proc_threads::cpu_list(&pid.to_string(), tid).unwrap()))
         .collect();
     // The fold thread follows bio_cpulist; the fault handler stays where the
     // server started it (all CPUs here), see Engine::set_thread_cpus.
