@@ -601,6 +601,15 @@ impl Job {
         }
     }
 
+    /// The slots the job moves keys of: its slots, or those its named keys
+    /// hash to (a new slot job must not overlap either).
+    pub fn touched_slots(&self) -> HashSet<usize> {
+        match &self.scope {
+            Scope::Slots { slots, .. } => slots.iter().copied().collect(),
+            Scope::Keys { all, .. } => with_state(|s| all.iter().map(|k| s.slot(k)).collect()),
+        }
+    }
+
     /// Stops the job: no more batches, connections closed. Acknowledged
     /// deletes still pending are done before it ends.
     pub fn stop(&mut self, state: JobState) {

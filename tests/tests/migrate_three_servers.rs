@@ -157,3 +157,63 @@ fn overlapping_jobs_lose_nothing() {
         assert_same_data(&before, &sb, "B");
     }
 }
+
+/// A slot job is refused while a key job moves a key of one of its slots,
+/// and a key job is refused while a slot job moves the key's slot: two jobs
+/// sending the same key (to one target or two) could delete each other's
+/// copy. Jobs on other slots still start.
+#[test]
+fn slot_and_key_jobs_on_the_same_slot_are_refused() {
+    let a = Server::start();
+    let b = Server::start();
+    let c = Server::start();
+    let mut ac = a.conn();
+    let slot = 550u32;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 40);
+    set_many(&mut ac, &keys);
+    let other = tagged_keys(&tag_for_slot(H, slot + 1), 5);
+    set_many(&mut ac, &other);
+    let before = snap_keys(&mut ac, &keys);
+    // Slow enough that the first job is still running when the second
+    // command arrives.
+    throttle(&mut ac, 5, 0);
+    let k = migrate_keys(&mut ac, b.port, &[], &keys[..1]);
+    for port in [b.port, c.port] {
+        match try_migrate_slots(&mut ac, port, &[], &[slot]) {
+            Err(e) => {
+                let t = err_text(&e);
+                assert!(
+                    t.contains("slot 550 is already being migrated by job"),
+                    "{t}"
+                );
+            }
+            Ok(v) => panic!("a slot job over key job {k}'s key was accepted: {v:?}"),
+        }
+    }
+    let s = migrate_slots(&mut ac, c.port, &[], &[slot + 1]);
+    throttle(&mut ac, 0, 0);
+    assert_eq!(finish_done(&a, k).num("keys_moved"), 1);
+    finish_done(&a, s);
+
+    throttle(&mut ac, 5, 0);
+    let j = migrate_slots(&mut ac, b.port, &[], &[slot]);
+    let mut cmd: Vec<String> = ["SLOTS.MIGRATE.KEYS", "127.0.0.1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cmd.push(c.port.to_string());
+    cmd.push("KEYS".into());
+    cmd.push(keys[5].clone());
+    match run(&mut ac, &cmd) {
+        Err(e) => assert!(
+            err_text(&e).contains("is already being migrated by job"),
+            "{}",
+            err_text(&e)
+        ),
+        Ok(v) => panic!("a key job inside slot job {j}'s slot was accepted: {v:?}"),
+    }
+    throttle(&mut ac, 0, 0);
+    finish_done(&a, j);
+    assert_same_data(&before, &snap_db(&mut b.conn()), "B holds the slot");
+    assert_eq!(dbsize(&mut ac), 0);
+}

@@ -179,9 +179,10 @@ pub fn migrate(ctx: &Context, args: &[RedisString]) -> RedisResult {
     }
     let busy = with_jobs(|j| {
         j.running().filter(|x| x.db == db).find_map(|x| {
+            let theirs = x.touched_slots();
             slots
                 .iter()
-                .find(|&&s| x.covers(s, b""))
+                .find(|s| theirs.contains(s))
                 .map(|s| (x.id, *s))
         })
     });
