@@ -205,6 +205,9 @@ pub struct Job {
     revived: Vec<Vec<u8>>,
     /// Set when the job must stop; it ends once acknowledged deletes are done.
     ending: Option<JobState>,
+    /// The database the job read from is no longer the data it sent (see
+    /// `abandon`): no acknowledgement may lead to a delete any more.
+    abandoned: bool,
     pub stats: JobStats,
     pub started_at_ms: i64,
     started: Instant,
@@ -436,11 +439,11 @@ impl Jobs {
         }
     }
 
-    /// Fails the running jobs of these databases.
+    /// Abandons the running jobs of these databases (SWAPDB).
     pub fn stop_for_db(&mut self, dbs: &[usize], reason: &str) {
         for j in self.list.iter_mut() {
-            if dbs.contains(&j.db) {
-                j.stop(JobState::Failed(reason.to_string()));
+            if j.state == JobState::Running && dbs.contains(&j.db) {
+                j.abandon(reason);
             }
         }
     }
@@ -481,6 +484,7 @@ impl Job {
             deleting: HashSet::new(),
             revived: Vec::new(),
             ending: None,
+            abandoned: false,
             stats: JobStats::default(),
             started_at_ms: now_ms(),
             started: Instant::now(),
@@ -634,6 +638,22 @@ impl Job {
                 }
             }
         }
+    }
+
+    /// Stops the job without deleting anything more: the names it holds no
+    /// longer denote the keys it sent. SWAPDB put another dataset under the
+    /// job's database number (and fires no per-key events, so acknowledged
+    /// keys would look unchanged); a load replaced the dataset; the server
+    /// became a replica, whose data only its primary may change. Keys
+    /// acknowledged but not yet deleted stay on both servers, as after any
+    /// interruption (MIGRATION.md), and the next job sends them again.
+    pub fn abandon(&mut self, reason: &str) {
+        self.stop(JobState::Failed(reason.to_string()));
+        self.abandoned = true;
+        self.acks.clear();
+        self.to_delete.clear();
+        self.deleting.clear();
+        self.revived.clear();
     }
 
     /// On cancel, the connections are still good: tell the target to drop
@@ -1106,6 +1126,13 @@ impl Job {
         let t0 = Instant::now();
         let cpu0 = ffi::thread_cpu_usec();
         let mut phases = StepPhases::default();
+        if !self.abandoned && ffi::context_flags(ctx) & raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 {
+            self.abandon("this server became a replica");
+        }
+        if self.abandoned {
+            self.finish();
+            return false;
+        }
         ffi::select_db(ctx, self.db);
         self.revive();
         self.take_replies();
@@ -1280,11 +1307,13 @@ impl Job {
     }
 }
 
-/// Fails every running job (e.g. the dataset is replaced by a load).
+/// Abandons every running job (the dataset is replaced by a load).
 pub fn stop_all(reason: &str) {
     with_jobs(|j| {
         for job in j.list.iter_mut() {
-            job.stop(JobState::Failed(reason.to_string()));
+            if job.state == JobState::Running {
+                job.abandon(reason);
+            }
         }
     });
 }

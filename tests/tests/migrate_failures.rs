@@ -476,3 +476,59 @@ fn migrating_to_itself_loses_nothing() {
     }
     assert_same_data(&before, &snap_db(&mut ac), "source after a job to itself");
 }
+
+/// SWAPDB while replies to batches in flight wait to be taken: they
+/// acknowledge keys of the dataset that is now in the other database. The
+/// job must fail without deleting anything: the same names in the dataset
+/// swapped in (database 1's keys, here with other values) are not the keys
+/// the target received.
+#[test]
+fn swapdb_mid_job_deletes_nothing_of_the_swapped_in_dataset() {
+    let a = Server::start();
+    let b = Server::start();
+    let slot = 560u32;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 12000);
+    let mut a0 = a.conn();
+    let mut a1 = a.conn_db(1);
+    set_many(&mut a0, &keys);
+    let mut p = redis::pipe();
+    for k in &keys {
+        p.cmd("SET").arg(k).arg("db1").ignore();
+    }
+    let _: () = p.query(&mut a1).unwrap();
+    let before0 = snap_db(&mut a0);
+    let before1 = snap_db(&mut a1);
+    let id = migrate_slots(&mut a0, b.port, &[], &[slot]);
+    wait_status(&mut a0, id, "some keys moved", |s| {
+        s.num("keys_moved") >= 500
+    });
+    // The source's main thread sleeps inside the transaction while the
+    // replies to the batches in flight arrive on the connection threads;
+    // the job takes them after the swap.
+    let r: Vec<redis::Value> = redis::pipe()
+        .atomic()
+        .cmd("DEBUG")
+        .arg("SLEEP")
+        .arg("0.2")
+        .cmd("SWAPDB")
+        .arg(0)
+        .arg(1)
+        .query(&mut a0)
+        .unwrap();
+    assert_eq!(r.len(), 2, "{r:?}");
+    let s = finish(&a, id);
+    assert_eq!(s.state(), "failed", "{s:?}");
+    error_mentions(&s, &["SWAPDB"]);
+    assert_same_data(
+        &before1,
+        &snap_db(&mut a0),
+        "database 1's keys, now in database 0, untouched",
+    );
+    let u = union_consistent(&snap_db(&mut a1), &snap_db(&mut b.conn()), "db 1 + target");
+    assert_same_data(
+        &before0,
+        &u,
+        "the job's dataset: on the source or the target",
+    );
+    check(&mut a0);
+}

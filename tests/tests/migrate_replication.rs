@@ -164,3 +164,54 @@ fn source_aof_reload_has_the_deletes() {
     assert_eq!(dbsize(&mut ac), 10);
     assert_exact(&mut ac, H);
 }
+
+/// FAILOVER in the middle of a job: the source becomes a replica of its
+/// former replica (partial resync, no load). The job must stop without
+/// deleting anything more -- a replica's data is its primary's, and a delete
+/// there would leave the key on the new primary and on the target at once
+/// while the replica diverges. Afterwards the old source equals the new
+/// primary, every key is intact on the new primary or the target (or both,
+/// for keys acknowledged but not yet deleted), and a job from the new
+/// primary finishes the move.
+#[test]
+fn source_failover_mid_job_abandons_the_job() {
+    let a = Server::start();
+    let b = Server::start();
+    let ar = Server::builder().replica_of(&a).start();
+    let mut ac = a.conn();
+    let slot = 420u32;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 3000);
+    set_many(&mut ac, &keys);
+    let before = snap_keys(&mut ac, &keys);
+    wait_replica_sync(&a, &ar);
+    throttle(&mut ac, 1000, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &[slot]);
+    wait_status(&mut ac, id, "some keys moved", |s| {
+        s.num("keys_moved") >= 300
+    });
+    ok(&mut ac, &["FAILOVER", "TIMEOUT", "10000"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while info(&mut ac, "replication").get("role").map(String::as_str) != Some("slave") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "FAILOVER did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let s = finish(&a, id);
+    assert_eq!(s.state(), "failed", "{s:?}");
+    assert!(s.get("last_error").contains("replica"), "{s:?}");
+    assert!(s.num("keys_moved") < keys.len() as i64, "{s:?}");
+    // The old source follows the new primary and deleted nothing of its own.
+    assert_replica_same(&ar, &a, "old source after the failover");
+    let mut arc = ar.conn();
+    let u = union_consistent(
+        &snap_db(&mut arc),
+        &snap_db(&mut b.conn()),
+        "new primary + target",
+    );
+    assert_same_data(&before, &u, "nothing lost across the failover");
+    migrate_slots_done(&ar, &b, &[], &[slot]);
+    assert_same_data(&before, &snap_db(&mut b.conn()), "target after the new job");
+    assert_eq!(dbsize(&mut arc), 0);
+}
