@@ -884,7 +884,10 @@ impl Job {
                 let per_slot = &self.tracked_per_slot;
                 loop {
                     while let Some(k) = candidates.pop_front() {
-                        if !self.tracked.contains_key(&k) {
+                        // An acknowledged key waiting for its delete is
+                        // moved: sending it again could overwrite a write
+                        // made on the target since.
+                        if !self.tracked.contains_key(&k) && !self.deleting.contains(&k) {
                             return Some(k);
                         }
                     }
@@ -925,8 +928,13 @@ impl Job {
     }
 
     /// Parked slots come back to the walk once they hold keys that are not
-    /// in flight (once per step: there may be many of them).
+    /// in flight (once per step: there may be many of them). Not while
+    /// acknowledged keys wait for their delete (writes paused): the index
+    /// still counts them, and the walk would find only them.
     fn unpark(&mut self) {
+        if !self.to_delete.is_empty() {
+            return;
+        }
         let db = self.db;
         let per_slot = &self.tracked_per_slot;
         if let Scope::Slots {

@@ -748,6 +748,54 @@ fn module_unload_refused_while_a_job_runs() {
 /// does), the job deletes nothing on the source (no write reaches the
 /// replication stream), as the server's own expiry and eviction; it goes on
 /// after the pause.
+/// While writes are paused, acknowledged keys wait for their delete and
+/// count as moved (-ASK). The job must not send them again meanwhile: a
+/// client following -ASK may already have written the target's copy, and
+/// a second RESTORE ... REPLACE of the source's older value would undo it.
+#[test]
+fn acknowledged_keys_are_not_resent_while_their_delete_waits() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    let keys = fill_slots(&mut ac, &[77], 60);
+    throttle(&mut ac, 100, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &[77]);
+    wait_status(&mut ac, id, "3 keys moved", |s| s.num("keys_moved") >= 3);
+    ok(&mut ac, &["CLIENT", "PAUSE", "3000", "WRITE"]);
+    // A key acknowledged but not deleted: the source answers -ASK for it.
+    let moved = keys
+        .iter()
+        .find(|k| {
+            matches!(
+                redis::cmd("GET").arg(k.as_str()).query::<Option<String>>(&mut ac),
+                Err(e) if e.kind() == redis::ErrorKind::Ask
+            )
+        })
+        .expect("an acknowledged key answered with -ASK")
+        .clone();
+    ok(&mut bc, &["SET", &moved, "written-on-the-target"]);
+    // Long enough for every key to be sent and acknowledged, and for the
+    // slot walk to come back to the slot (it used to send them all again).
+    thread::sleep(Duration::from_millis(2000));
+    let during = status(&mut ac, id);
+    ok(&mut ac, &["CLIENT", "UNPAUSE"]);
+    throttle(&mut ac, 0, 0);
+    let s = finish_done(&a, id);
+    assert_eq!(s.num("keys_moved") as usize, keys.len(), "{s:?}");
+    assert!(
+        during.num("keys_moved") as usize <= keys.len(),
+        "keys counted as moved twice during the pause: {during:?}"
+    );
+    let v: Option<String> = redis::cmd("GET").arg(&moved).query(&mut bc).unwrap();
+    assert_eq!(
+        v.as_deref(),
+        Some("written-on-the-target"),
+        "the target's write to {moved} was overwritten by a second copy"
+    );
+    assert_eq!(dbsize(&mut ac), 0);
+}
+
 #[test]
 fn no_deletes_while_writes_are_paused() {
     let a = Server::start();
