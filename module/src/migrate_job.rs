@@ -20,8 +20,18 @@
 //! so the next try converges. A `-1` reply (the target lost a staging key)
 //! also queues the key again. Any other failure stops the job; every key
 //! not yet acknowledged is still on the source, so a new job resumes.
+//!
+//! A job that fails or is cancelled may leave copies on the target: keys
+//! whose records were sent but whose acknowledgement never came (the target
+//! may have applied them). While such a key stays here that is harmless
+//! (the next job sends it again with REPLACE), but a key deleted here before
+//! the next job would survive there and come back once the slot has moved.
+//! So the keys a stopped job had sent are remembered per target and
+//! database ("leftovers"; in memory only) and the next job to that target
+//! that covers them treats them as sent: present here, they are sent again;
+//! gone, the target gets a DEL. A cancel also sends those DELs at once.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -208,6 +218,11 @@ pub struct Job {
     /// The database the job read from is no longer the data it sent (see
     /// `abandon`): no acknowledgement may lead to a delete any more.
     abandoned: bool,
+    /// Replies are no longer acted on (cancelled or abandoned).
+    ignore_replies: bool,
+    /// Set when a failed or cancelled job ends: the keys it had sent
+    /// without an acknowledgement (collected by `Jobs`).
+    leftovers: Vec<Vec<u8>>,
     pub stats: JobStats,
     pub started_at_ms: i64,
     started: Instant,
@@ -303,11 +318,15 @@ pub struct Jobs {
     next_id: u64,
     pub list: Vec<Job>,
     throttle: Throttle,
+    /// (target, db) -> keys that stopped jobs sent without an
+    /// acknowledgement (see the top of this file).
+    leftovers: BTreeMap<(String, usize), HashSet<Vec<u8>>>,
 }
 
 static JOBS: Mutex<Jobs> = Mutex::new(Jobs {
     next_id: 1,
     list: Vec::new(),
+    leftovers: BTreeMap::new(),
     throttle: Throttle {
         last: None,
         keys: 0.0,
@@ -392,13 +411,39 @@ impl Jobs {
         id
     }
 
-    pub fn add(&mut self, job: Job) {
+    /// Adds a new job, handing it the leftovers of earlier jobs to the same
+    /// target and database that fall in its scope.
+    pub fn add(&mut self, mut job: Job) {
+        self.collect_leftovers();
+        if let Some(set) = self.leftovers.get_mut(&(job.target.clone(), job.db)) {
+            let mine: Vec<Vec<u8>> = set.iter().filter(|k| job.in_scope(k)).cloned().collect();
+            for k in &mine {
+                set.remove(k);
+            }
+            if set.is_empty() {
+                self.leftovers.remove(&(job.target.clone(), job.db));
+            }
+            job.adopt_leftovers(mine);
+        }
         self.list.push(job);
         self.prune();
     }
 
+    /// Moves the leftovers of finished jobs into the per-target table.
+    fn collect_leftovers(&mut self) {
+        for j in self.list.iter_mut() {
+            if !j.leftovers.is_empty() {
+                self.leftovers
+                    .entry((j.target.clone(), j.db))
+                    .or_default()
+                    .extend(j.leftovers.drain(..));
+            }
+        }
+    }
+
     /// Forgets the oldest finished jobs beyond KEEP_FINISHED.
     pub fn prune(&mut self) {
+        self.collect_leftovers();
         let finished = self
             .list
             .iter()
@@ -425,6 +470,12 @@ impl Jobs {
             ("migrate_bytes_moved", sum(|j| j.stats.bytes_moved)),
             ("migrate_keys_in_flight", sum(|j| j.tracked.len() as u64)),
             ("migrate_keys_frozen", sum(|j| j.frozen.len() as u64)),
+            (
+                "migrate_leftover_keys",
+                (self.leftovers.values().map(|s| s.len()).sum::<usize>()
+                    + self.list.iter().map(|j| j.leftovers.len()).sum::<usize>())
+                .to_string(),
+            ),
         ]
     }
 
@@ -485,6 +536,8 @@ impl Job {
             revived: Vec::new(),
             ending: None,
             abandoned: false,
+            ignore_replies: false,
+            leftovers: Vec::new(),
             stats: JobStats::default(),
             started_at_ms: now_ms(),
             started: Instant::now(),
@@ -631,12 +684,37 @@ impl Job {
             let cancelled = state == JobState::Cancelled;
             self.ending = Some(state);
             if cancelled {
+                // The last batch deletes the target's copies of every key
+                // not acknowledged yet, so no later reply may count one of
+                // them as moved (it would then be gone from both servers).
+                self.ignore_replies = true;
+                self.acks.clear();
                 self.abort_staged();
             } else {
                 for l in &mut self.links {
                     l.conn.close();
                 }
             }
+        }
+    }
+
+    /// Whether `key` belongs to this job's slots or named keys.
+    fn in_scope(&self, key: &[u8]) -> bool {
+        match &self.scope {
+            Scope::Slots { slots, .. } => slots.contains(&with_state(|s| s.slot(key))),
+            Scope::Keys { all, .. } => all.contains(key),
+        }
+    }
+
+    /// Keys an earlier job may have left on this target: tracked as sent,
+    /// queued first. Present here, they are sent again (REPLACE); gone, they
+    /// get a DEL record (`start_key`).
+    fn adopt_leftovers(&mut self, keys: Vec<Vec<u8>>) {
+        for k in keys {
+            let slot = with_state(|s| s.slot(&k));
+            let t = self.track(&k, slot);
+            t.sent = true;
+            self.resend.push_back(k);
         }
     }
 
@@ -650,33 +728,35 @@ impl Job {
     pub fn abandon(&mut self, reason: &str) {
         self.stop(JobState::Failed(reason.to_string()));
         self.abandoned = true;
+        self.ignore_replies = true;
         self.acks.clear();
         self.to_delete.clear();
         self.deleting.clear();
         self.revived.clear();
     }
 
-    /// On cancel, the connections are still good: tell the target to drop
-    /// the staging keys of half-sent big keys now rather than when they
-    /// expire, then let each connection end after that last batch.
+    /// On cancel, the connections are still good: one last batch per link
+    /// takes back what the target may hold of keys not acknowledged -- an
+    /// ABORT drops a half-sent big key's staging key, a DEL any copy a
+    /// batch in flight delivered (the key stays here) -- then each
+    /// connection ends after it. The records not yet sent are dropped.
+    /// Replies are not read: the keys also become leftovers (`finish`).
     fn abort_staged(&mut self) {
-        let staged: Vec<(usize, Vec<u8>)> = self
-            .tracked
-            .iter()
-            .filter(|(_, t)| t.staged)
-            .map(|(k, t)| (t.link, k.clone()))
-            .collect();
-        for (i, key) in staged {
-            if let Some(l) = self.links.get_mut(i) {
-                l.builder.abort(&key);
-            }
-        }
         for l in &mut self.links {
             l.big.clear();
             l.building.clear();
+            l.builder = BatchBuilder::new();
+        }
+        for (key, t) in &self.tracked {
+            if let (true, Some(l)) = (t.sent, self.links.get_mut(t.link)) {
+                if t.staged {
+                    l.builder.abort(key);
+                }
+                l.builder.del(key);
+            }
+        }
+        for l in &mut self.links {
             if !l.builder.is_empty() {
-                // Only ABORTs matter now: chunks of this batch were for
-                // keys being dropped anyway, and replies are not read.
                 let _ = l.conn.send(l.builder.finish(self.source_id.as_bytes()));
             }
             l.conn.close_after_queued();
@@ -1143,7 +1223,9 @@ impl Job {
         }
         ffi::select_db(ctx, self.db);
         self.revive();
-        self.take_replies();
+        if !self.ignore_replies {
+            self.take_replies();
+        }
         let acks_before = self.acks.len();
         self.apply_acks(deadline);
         phases.acks = (acks_before - self.acks.len(), phases.lap());
@@ -1280,6 +1362,14 @@ impl Job {
     fn finish(&mut self) {
         self.state = self.ending.take().unwrap_or(JobState::Done);
         self.ended = Some(Instant::now());
+        if self.state != JobState::Done && !self.abandoned {
+            self.leftovers = self
+                .tracked
+                .iter()
+                .filter(|(_, t)| t.sent)
+                .map(|(k, _)| k.clone())
+                .collect();
+        }
         self.frozen.clear();
         self.tracked.clear();
         self.tracked_per_slot.clear();

@@ -356,9 +356,13 @@ fn run(
         if outstanding > 0 {
             let ev = batch_reply(&mut r)?;
             outstanding -= 1;
-            if events.send(ev).is_err() {
-                return Ok(());
-            }
+            // The job may have ended and dropped the receiver; after a
+            // graceful close the replies are still read to the last one.
+            // Closing with batches unanswered would make this side's kernel
+            // answer the target's replies with a reset, on which the target
+            // drops whatever it has not read yet: a cancel's last batch
+            // (its DELs) would be lost while earlier ones were applied.
+            let _ = events.send(ev);
             continue;
         }
         match batches.recv_timeout(IDLE_POLL) {

@@ -532,3 +532,110 @@ fn swapdb_mid_job_deletes_nothing_of_the_swapped_in_dataset() {
     );
     check(&mut a0);
 }
+
+fn exists(c: &mut redis::Connection, k: &str) -> bool {
+    redis::cmd("EXISTS").arg(k).query::<i64>(c).unwrap() == 1
+}
+
+/// Keys whose batch reached the target but whose acknowledgement never
+/// came back (the job timed out while the target was busy) may exist on
+/// both servers. If they are deleted on the source before the next job,
+/// that job must delete the target's copies: it takes over the failed
+/// job's unacknowledged keys and sends DEL for those gone here. Otherwise
+/// they would come back once the slot has moved.
+#[test]
+fn keys_deleted_after_a_failed_job_do_not_come_back() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slot = 314u32;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 3000);
+    set_many(&mut ac, &keys);
+    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "300"], &[slot]);
+    wait_status(&mut ac, id, "some keys moved", |s| {
+        s.num("keys_moved") >= 100
+    });
+    // The target stops answering with batches in flight; they are applied
+    // when it wakes up, after the job gave up on them.
+    let sleeper = {
+        let mut bc = b.conn();
+        thread::spawn(move || {
+            let _ = run(&mut bc, &["DEBUG", "SLEEP", "1"]);
+        })
+    };
+    let s = finish(&a, id);
+    sleeper.join().unwrap();
+    assert_eq!(s.state(), "failed", "{s:?}");
+    let left = info(&mut ac, "slots")
+        .get("slots_migrate_leftover_keys")
+        .cloned()
+        .unwrap_or_default();
+    assert_ne!(left, "0", "unacknowledged keys are remembered");
+    let here: Vec<String> = keys
+        .iter()
+        .filter(|k| exists(&mut ac, k))
+        .cloned()
+        .collect();
+    assert!(!here.is_empty(), "{s:?}");
+    let moved: std::collections::BTreeSet<&String> =
+        keys.iter().filter(|k| !here.contains(k)).collect();
+    // The application deletes what is left here, then the slot moves.
+    for k in &here {
+        ok(&mut ac, &["DEL", k]);
+    }
+    migrate_slots_done(&a, &b, &[], &[slot]);
+    let mut bc = b.conn();
+    let on_target: std::collections::BTreeSet<&String> =
+        keys.iter().filter(|k| exists(&mut bc, k)).collect();
+    assert_eq!(
+        on_target.difference(&moved).count(),
+        0,
+        "keys deleted on the source came back on the target"
+    );
+    assert_eq!(on_target, moved);
+    assert_eq!(
+        info(&mut ac, "slots")["slots_migrate_leftover_keys"],
+        "0",
+        "leftovers taken over by the second job"
+    );
+}
+
+/// CANCEL with batches in flight: the target applies them after the cancel,
+/// and the job's last batch deletes those copies again, so every key is on
+/// exactly one server (the moved ones on the target, the rest here).
+#[test]
+fn cancel_with_batches_in_flight_leaves_no_copies() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slot = 316u32;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 3000);
+    set_many(&mut ac, &keys);
+    let before = snap_db(&mut ac);
+    let id = migrate_slots(&mut ac, b.port, &[], &[slot]);
+    wait_status(&mut ac, id, "some keys moved", |s| {
+        s.num("keys_moved") >= 100
+    });
+    let sleeper = {
+        let mut bc = b.conn();
+        thread::spawn(move || {
+            let _ = run(&mut bc, &["DEBUG", "SLEEP", "0.5"]);
+        })
+    };
+    thread::sleep(Duration::from_millis(100));
+    assert!(status(&mut ac, id).num("keys_in_flight") > 0);
+    ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()]);
+    sleeper.join().unwrap();
+    assert_eq!(finish(&a, id).state(), "cancelled");
+    // Let the target apply the batches and the cancel's last one.
+    thread::sleep(Duration::from_millis(300));
+    let src = snap_db(&mut ac);
+    let dst = snap_db(&mut b.conn());
+    for k in src.keys() {
+        assert!(!dst.contains_key(k), "{} is on both servers", show(k));
+    }
+    let u = union_consistent(&src, &dst, "after CANCEL");
+    assert_same_data(&before, &u, "source + target after CANCEL");
+    migrate_slots_done(&a, &b, &[], &[slot]);
+    assert_same_data(&before, &snap_db(&mut b.conn()), "after the next job");
+}
