@@ -347,6 +347,28 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             write(ctx, "UNLINK", &[key])?;
             Ok(Outcome::Applied)
         }
+        Record::FieldTtl { key, fields } => {
+            let stage = staging_name(source, key);
+            if staging_state(ctx, &stage).map(|s| s.0) != Some(Some(Kind::Hash)) {
+                return Ok(Outcome::Restart);
+            }
+            // One HPEXPIREAT per distinct time (fields of one chunk often
+            // share it). A time already past deletes the field, as on the
+            // source, where its expiry then restarts the key anyway.
+            let mut by_time: std::collections::BTreeMap<i64, Vec<&[u8]>> =
+                std::collections::BTreeMap::new();
+            for (f, at) in fields {
+                by_time.entry(*at).or_default().push(f);
+            }
+            for (at, fs) in by_time {
+                let at = int_arg(at);
+                let n = int_arg(fs.len() as i64);
+                let mut args: Vec<&[u8]> = vec![&stage, &at, b"FIELDS", &n];
+                args.extend(fs);
+                write(ctx, "HPEXPIREAT", &args)?;
+            }
+            Ok(Outcome::Applied)
+        }
         Record::Abort { key } => {
             let stage = staging_name(source, key);
             write(ctx, "UNLINK", &[&stage])?;

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use crate::call::{call, call_ok, Propagate};
 use crate::ffi::{Ctx, Key, KeyType, ScanCursor};
-use crate::wire::{BatchBuilder, ChunkArgs, Kind, Lru, StreamId};
+use crate::wire::{BatchBuilder, ChunkArgs, Kind, Lru, StreamId, Target};
 
 /// Per-job size limits (SLOTS.MIGRATE's MAXBULKS and MAXBYTES).
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +127,7 @@ pub fn start(
             groups: Vec::new(),
             ghosts: BTreeSet::new(),
             ghosts_sent: None,
+            field_ttls: Vec::new(),
         })));
     }
     if kind == Some(Kind::String) {
@@ -221,6 +222,14 @@ pub struct BigKey {
     ghosts: BTreeSet<StreamId>,
     /// The last placeholder written so far.
     ghosts_sent: Option<StreamId>,
+    /// Hashes: expiry times of the fields of the chunk being built.
+    field_ttls: Vec<(Vec<u8>, i64)>,
+}
+
+/// Whether this server has hash field expiry (HPEXPIRETIME), which DUMP
+/// carries for a whole hash and chunks must carry as FIELDTTL records.
+fn has_field_ttl() -> bool {
+    Target::for_server(crate::call::server_version(), crate::call::is_valkey()).field_ttl
 }
 
 /// What a cursor step produced.
@@ -265,6 +274,10 @@ impl BigKey {
                 };
                 if !c.is_empty() {
                     out.chunk(&self.key, self.kind, self.sent, &c);
+                    if !self.field_ttls.is_empty() {
+                        out.field_ttl(&self.key, &self.field_ttls);
+                        self.field_ttls.clear();
+                    }
                     chunks += 1;
                     self.sent += match self.kind {
                         Kind::String => c.string_len,
@@ -359,7 +372,9 @@ impl BigKey {
         let k = self.open_checked(ctx)?;
         let cursor = self.scan.get_or_insert_with(ScanCursor::new);
         let kind = self.kind;
-        loop {
+        let ttls = kind == Kind::Hash && has_field_ttl();
+        let mut fields: Vec<Vec<u8>> = Vec::new();
+        let finished = loop {
             let more = cursor.scan_key(&k, &mut |field, value| {
                 match kind {
                     // ZADD takes score then member.
@@ -370,21 +385,47 @@ impl BigKey {
                     Kind::Hash => {
                         c.push(field);
                         c.push(value.unwrap_or(b""));
+                        if ttls {
+                            fields.push(field.to_vec());
+                        }
                     }
                     _ => c.push(field),
                 }
                 c.count += 1;
             });
             if !more {
-                return Ok(true);
+                break true;
             }
             if c.count >= limits.max_bulks
                 || c.bytes() as u64 >= limits.max_bytes
                 || Instant::now() >= deadline
             {
-                return Ok(false);
+                break false;
             }
+        };
+        drop(k);
+        if !fields.is_empty() {
+            self.field_ttls = self.read_field_ttls(ctx, &fields)?;
         }
+        Ok(finished)
+    }
+
+    /// The expiry times of those fields that have one (HPEXPIRETIME: -1
+    /// no expiry, -2 no such field).
+    fn read_field_ttls(&self, ctx: Ctx, fields: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, i64)>, String> {
+        let n = fields.len().to_string();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(fields.len() + 3);
+        args.extend_from_slice(&[&self.key, b"FIELDS", n.as_bytes()]);
+        args.extend(fields.iter().map(|f| f.as_slice()));
+        let r = call_ok(ctx, Propagate::No, "HPEXPIRETIME", &args)?;
+        Ok(fields
+            .iter()
+            .zip(r.view().iter())
+            .filter_map(|(f, t)| {
+                let at = t.integer();
+                (at > 0).then(|| (f.clone(), at))
+            })
+            .collect())
     }
 
     fn note_size(&mut self, c: &ChunkArgs) {

@@ -157,6 +157,12 @@ pub enum Record<'a> {
         key: &'a [u8],
         ids: Vec<StreamId>,
     },
+    /// Expiry times (unix ms) of fields of the staging hash: the fields of
+    /// the chunk before it that have one (Redis 7.4+ hash field expiry).
+    FieldTtl {
+        key: &'a [u8],
+        fields: Vec<(&'a [u8], i64)>,
+    },
 }
 
 impl Record<'_> {
@@ -171,7 +177,8 @@ impl Record<'_> {
             | Record::Commit { key, .. }
             | Record::Abort { key }
             | Record::Del { key }
-            | Record::XDel { key, .. } => key,
+            | Record::XDel { key, .. }
+            | Record::FieldTtl { key, .. } => key,
         }
     }
 }
@@ -190,6 +197,8 @@ pub struct Target {
     /// RDB 80 and refuses 12-79, the range Redis 7.4+ uses for formats
     /// Valkey cannot read.
     pub refused: Option<(u16, u16)>,
+    /// Whether the server has hash field expiry (Redis 7.4+, Valkey 9+).
+    pub field_ttl: bool,
 }
 
 impl Target {
@@ -204,10 +213,12 @@ impl Target {
                 0..=8 => Target {
                     rdb_version: 11,
                     refused: None,
+                    field_ttl: false,
                 },
                 _ => Target {
                     rdb_version: 80,
                     refused: Some((12, 79)),
+                    field_ttl: true,
                 },
             };
         }
@@ -220,6 +231,7 @@ impl Target {
         Target {
             rdb_version,
             refused: None,
+            field_ttl: rdb_version >= 12,
         }
     }
 
@@ -521,6 +533,24 @@ pub fn parse_batch<'a>(args: &'a [&'a [u8]], target: Target) -> Result<Batch<'a>
                 }
                 Record::XDel { key, ids }
             }
+            b"FIELDTTL" => {
+                if !target.field_ttl {
+                    return Err(
+                        r.err("hash field expiry needs Redis 7.4+ or Valkey 9+ on the target")
+                    );
+                }
+                let n = r.uint("field count")?;
+                let mut fields = Vec::with_capacity((n as usize).min(args.len()));
+                for _ in 0..n {
+                    let field = r.next("field")?;
+                    let at = r.int("expiry")?;
+                    if at <= 0 {
+                        return Err(r.err("field expiry must be a positive unix time in ms"));
+                    }
+                    fields.push((field, at));
+                }
+                Record::FieldTtl { key, fields }
+            }
             _ => return Err(r.err(format!("unknown opcode '{}'", String::from_utf8_lossy(op)))),
         };
         records.push(rec);
@@ -739,6 +769,15 @@ impl BatchBuilder {
         self.begin(b"DEL", key);
     }
 
+    pub fn field_ttl(&mut self, key: &[u8], fields: &[(Vec<u8>, i64)]) {
+        self.begin(b"FIELDTTL", key);
+        self.int(fields.len() as i64);
+        for (f, at) in fields {
+            self.arg(f);
+            self.int(*at);
+        }
+    }
+
     pub fn xdel(&mut self, key: &[u8], ids: &[StreamId]) {
         self.begin(b"XDEL", key);
         self.int(ids.len() as i64);
@@ -827,6 +866,7 @@ mod tests {
     const T: Target = Target {
         rdb_version: 10,
         refused: None,
+        field_ttl: false,
     };
 
     /// Payloads built for strings have DUMP's format: each RDB length form,
@@ -954,6 +994,42 @@ mod tests {
                 ids: vec![StreamId { ms: 0, seq: 5 }]
             }
         );
+    }
+
+    /// FIELDTTL: built and parsed back for a target with hash field expiry;
+    /// refused, naming the requirement, by one without; expiry times must
+    /// be positive.
+    #[test]
+    fn field_ttl_records() {
+        let mut b = BatchBuilder::new();
+        b.field_ttl(
+            b"h",
+            &[(b"f1".to_vec(), 1_800_000_000_000), (b"f2".to_vec(), 1)],
+        );
+        let args = split(&b.finish(b"src"));
+        let refs: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
+        let with = Target::for_server(0x00080002, false);
+        assert!(with.field_ttl && !Target::for_server(0x00070400 - 1, false).field_ttl);
+        let batch = parse_batch(&refs, with).unwrap();
+        assert_eq!(
+            batch.records[0],
+            Record::FieldTtl {
+                key: b"h",
+                fields: vec![(&b"f1"[..], 1_800_000_000_000), (&b"f2"[..], 1)]
+            }
+        );
+        let err = parse_batch(&refs, T)
+            .err()
+            .expect("refused without field expiry");
+        assert!(err.contains("needs Redis 7.4+"), "{err}");
+        assert!(!Target::for_server(0x00080101, true).field_ttl, "Valkey 8");
+        assert!(Target::for_server(0x00090000, true).field_ttl, "Valkey 9");
+        for bad in [&b"0"[..], b"-5", b"x"] {
+            let a: Vec<&[u8]> = vec![b"1", b"s", b"1", b"FIELDTTL", b"h", b"1", b"f", bad];
+            assert!(parse_batch(&a, with).is_err(), "{bad:?}");
+        }
+        let short: Vec<&[u8]> = vec![b"1", b"s", b"1", b"FIELDTTL", b"h", b"2", b"f", b"5"];
+        assert!(parse_batch(&short, with).is_err());
     }
 
     #[test]

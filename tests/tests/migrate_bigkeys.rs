@@ -562,3 +562,104 @@ fn big_key_recreated_with_the_same_type_during_transfer() {
     h.insert(b"only".to_vec(), b"field".to_vec());
     big_key_recreated_during_transfer(108, &["HSET", "only", "field"], Content::Hash(h));
 }
+
+fn has_command(c: &mut redis::Connection, name: &str) -> bool {
+    let v: Vec<redis::Value> = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg(name)
+        .query(c)
+        .unwrap();
+    !matches!(v.first(), None | Some(redis::Value::Nil))
+}
+
+fn field_expiry(c: &mut redis::Connection, key: &str, fields: &[String]) -> Vec<i64> {
+    redis::cmd("HPEXPIRETIME")
+        .arg(key)
+        .arg("FIELDS")
+        .arg(fields.len())
+        .arg(fields)
+        .query(c)
+        .unwrap()
+}
+
+/// Hash field expiry (Redis 7.4+, Valkey 9+): a hash sent in chunks keeps
+/// the expiry time of every field that has one, as DUMP does for a small
+/// hash. On a server without field expiry there is none to keep; there
+/// SLOTS.RESTORE refuses a FIELDTTL record up front, naming what it needs,
+/// and changes nothing.
+#[test]
+fn chunked_hash_keeps_field_expiry() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let mut bc = b.conn();
+    if !has_command(&mut bc, "HPEXPIREAT") {
+        eprintln!("no hash field expiry on this server: protocol check only");
+        let r = run(
+            &mut bc,
+            &restore_args(
+                "1",
+                "src-1",
+                &[
+                    rec(&[b"CHUNK", b"k", b"hash", b"0", b"1", b"f", b"v"]),
+                    rec(&[b"FIELDTTL", b"k", b"1", b"f", b"4102444800000"]),
+                ],
+            ),
+        );
+        let e = err_text(&r.expect_err("FIELDTTL on a server without field expiry"));
+        assert!(e.contains("hash field expiry needs Redis 7.4+"), "{e}");
+        assert_eq!(dbsize(&mut bc), 0);
+        return;
+    }
+    let slot = 108;
+    let tag = tag_for_slot(H, slot);
+    let big = format!("{{{tag}}}:bighash");
+    let small = format!("{{{tag}}}:smallhash");
+    fill_big(&mut ac, &big, "hash", 3000);
+    ok(&mut ac, &["HSET", &small, "a", "1", "b", "2"]);
+    let in_1h: Vec<String> = (0..3000).step_by(7).map(|j| format!("field:{j}")).collect();
+    let in_2h: Vec<String> = (3..3000)
+        .step_by(11)
+        .map(|j| format!("field:{j}"))
+        .collect();
+    let none: Vec<String> = (1..3000)
+        .step_by(13)
+        .map(|j| format!("field:{j}"))
+        .collect();
+    for (fields, ms) in [(&in_1h, "3600000"), (&in_2h, "7200000")] {
+        let mut cmd = redis::cmd("HPEXPIRE");
+        cmd.arg(&big)
+            .arg(ms)
+            .arg("FIELDS")
+            .arg(fields.len())
+            .arg(fields);
+        let _: Vec<i64> = cmd.query(&mut ac).unwrap();
+    }
+    ok(
+        &mut ac,
+        &["HPEXPIRE", &small, "3600000", "FIELDS", "1", "a"],
+    );
+    let all: Vec<String> = (0..3000).map(|j| format!("field:{j}")).collect();
+    let want = field_expiry(&mut ac, &big, &all);
+    assert!(want.iter().filter(|t| **t > 0).count() > 600);
+    let want_small = field_expiry(&mut ac, &small, &["a".into(), "b".into()]);
+    let s = migrate_slots_done(&a, &b, &["MAXBULKS", "100"], &[slot]);
+    assert!(s.num("big_keys") >= 1, "{s:?}");
+    assert_eq!(
+        field_expiry(&mut bc, &big, &all),
+        want,
+        "big hash field expiry"
+    );
+    assert!(field_expiry(&mut bc, &big, &none)
+        .iter()
+        .zip(none.iter())
+        .all(|(t, f)| *t == -1 || in_1h.contains(f) || in_2h.contains(f)));
+    assert_eq!(
+        field_expiry(&mut bc, &small, &["a".into(), "b".into()]),
+        want_small,
+        "small hash (DUMP)"
+    );
+    let n: i64 = redis::cmd("HLEN").arg(&big).query(&mut bc).unwrap();
+    assert_eq!(n, 3000);
+    assert_eq!(dbsize(&mut ac), 0);
+}
