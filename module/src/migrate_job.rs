@@ -500,12 +500,19 @@ impl Jobs {
     }
 
     /// Marks `key` of `db` as changed, for every running job tracking it.
-    pub fn note_change(&mut self, db: usize, key: &[u8]) {
+    ///
+    /// A key waiting for its delete is moved: a write that reaches it here
+    /// anyway is sent again, but its expiry or eviction here only does the
+    /// pending delete's work. Sending that on (a DEL) would delete the
+    /// target's copy, which is the key now, and may have been written
+    /// since through -ASK (its own expiry time is the same as here).
+    pub fn note_change(&mut self, db: usize, key: &[u8], event: &[u8]) {
+        let vanished = matches!(event, b"expired" | b"evicted");
         for j in self.list.iter_mut() {
             if j.state == JobState::Running && j.db == db {
                 if let Some(t) = j.tracked.get_mut(key) {
                     t.dirty = true;
-                } else if j.deleting.remove(key) {
+                } else if j.deleting.remove(key) && !vanished {
                     j.revived.push(key.to_vec());
                 }
             }

@@ -49,7 +49,7 @@ pub fn reset() {
 extern "C" fn on_event(
     ctx: *mut raw::RedisModuleCtx,
     _type: c_int,
-    _event: *const std::os::raw::c_char,
+    event: *const std::os::raw::c_char,
     key: *mut raw::RedisModuleString,
 ) -> c_int {
     guard(
@@ -58,11 +58,14 @@ extern "C" fn on_event(
         || {
             // SAFETY: the event's context and key are live for this callback.
             let (ctx, key) = unsafe { (Ctx::from_raw(ctx), ffi::string_bytes(key)) };
+            // SAFETY: the server passes a NUL-terminated event name that
+            // lives for the callback.
+            let event = unsafe { std::ffi::CStr::from_ptr(event) }.to_bytes();
             // While a job runs its step it is out of the job list
             // (migrate_job::run), so events caused by its own calls (DUMP
             // expiring a key, UNLINK of moved keys) mark nothing.
             let db = ffi::selected_db(ctx);
-            try_with_jobs(|j| j.note_change(db, key));
+            try_with_jobs(|j| j.note_change(db, key, event));
         },
     );
     raw::REDISMODULE_OK as c_int
