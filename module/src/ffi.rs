@@ -290,6 +290,31 @@ pub mod reply {
     pub fn bulk(ctx: Ctx, bytes: &[u8]) {
         raw::reply_with_string_buffer(ctx.0, bytes.as_ptr().cast(), bytes.len());
     }
+
+    /// An error reply whose text may carry client input (key names, host
+    /// names, arguments). The crate's error replies squeeze each character
+    /// into one byte and panic on the NUL that makes of some (U+0100, most
+    /// emoji), which aborts the server when it happens outside a guard; so
+    /// every byte outside printable ASCII is written as `\xNN` here.
+    pub fn error(ctx: Ctx, msg: &str) {
+        let msg = std::ffi::CString::new(printable(msg.as_bytes())).unwrap_or_default();
+        // SAFETY: ctx is the live context of the command being answered;
+        // the message is a NUL-terminated string that outlives the call.
+        unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx.0, msg.as_ptr()) };
+    }
+
+    /// `bytes` with everything outside printable ASCII escaped as `\xNN`.
+    pub fn printable(bytes: &[u8]) -> String {
+        let mut out = String::with_capacity(bytes.len());
+        for &b in bytes {
+            if (0x20..0x7f).contains(&b) && b != b'\\' {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out
+    }
 }
 
 /// The type of a stored value.

@@ -563,3 +563,45 @@ fn many_args_and_long_keys() {
     check(&mut c);
     s.assert_alive("many args");
 }
+
+/// Error replies that echo client input: characters beyond ASCII (U+0100
+/// and most emoji used to crash the server: the reply path squeezed each
+/// character into one byte, some into a NUL, and panicked outside the
+/// panic guard) and bytes that are not UTF-8 come back escaped, and the
+/// server stays up.
+#[test]
+fn error_replies_echoing_non_ascii_input() {
+    let s = Server::start();
+    let mut c = s.conn();
+    let odd: [&[u8]; 4] = ["Ā".as_bytes(), "😀".as_bytes(), b"\xff\xfe", b"a\r\nb\0c"];
+    for o in odd {
+        bad(
+            &mut c,
+            &[&b"SLOTS.MIGRATE"[..], b"127.0.0.1", b"1", o, b"SLOTS", b"0"],
+            "",
+        );
+        bad(
+            &mut c,
+            &[&b"SLOTS.RESTORE"[..], b"1", b"s", b"1", o, b"k"],
+            "unknown opcode",
+        );
+        bad(&mut c, &[&b"SLOTS.COUNT"[..], o], "");
+        bad(&mut c, &[&b"SLOTS.REDIRECT"[..], o], "");
+    }
+    // The escaped text is still readable.
+    let e = err_text(
+        &run(
+            &mut c,
+            &[
+                &b"SLOTS.RESTORE"[..],
+                b"1",
+                b"s",
+                b"1",
+                "Ā".as_bytes(),
+                b"k",
+            ],
+        )
+        .unwrap_err(),
+    );
+    assert!(e.contains("\\xc4\\x80"), "{e}");
+}

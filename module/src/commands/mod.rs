@@ -88,7 +88,25 @@ pub fn entry(
             f(&context, &args)
         },
     );
-    context.reply(result) as c_int
+    let c = crate::ffi::Ctx::of(&context);
+    match result {
+        // Error texts often carry client input: see ffi::reply::error.
+        Err(RedisError::String(s)) => crate::ffi::reply::error(c, &s),
+        Err(RedisError::Str(s)) => crate::ffi::reply::error(c, s),
+        Err(RedisError::WrongType) => {
+            crate::ffi::reply::error(c, &RedisError::WrongType.to_string())
+        }
+        other => {
+            guard(
+                "reply",
+                || (),
+                || {
+                    context.reply(other);
+                },
+            );
+        }
+    }
+    raw::REDISMODULE_OK as c_int
 }
 
 pub fn err(msg: String) -> RedisError {

@@ -2,8 +2,6 @@
 //! protocol"). The whole batch is parsed and validated first; only a valid
 //! batch is applied, so a bad one gets an error and changes nothing.
 
-use std::ffi::CString;
-
 use redis_module::{raw, Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::call::{is_valkey, server_version};
@@ -24,11 +22,7 @@ pub fn restore(ctx: &Context, args: &[RedisString]) -> RedisResult {
     raw::reply_with_array(c.raw(), outcomes.len() as _);
     for o in &outcomes {
         match o {
-            Outcome::Failed(e) => {
-                let msg = CString::new(format!("ERR {e}").replace(['\r', '\n', '\0'], " "))
-                    .unwrap_or_default();
-                raw::reply_with_error(c.raw(), msg.as_ptr());
-            }
+            Outcome::Failed(e) => crate::ffi::reply::error(c, &format!("ERR {e}")),
             o => {
                 raw::reply_with_long_long(c.raw(), o.code());
             }
