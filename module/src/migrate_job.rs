@@ -227,13 +227,44 @@ pub struct Job {
     pub started_at_ms: i64,
     started: Instant,
     ended: Option<Instant>,
-    waiters: Vec<Waiter>,
 }
 
 /// A client blocked in SLOTS.MIGRATE.WAIT.
 pub struct Waiter(pub *mut raw::RedisModuleBlockedClient);
 // SAFETY: only used on the main thread; lives in a global behind a Mutex.
 unsafe impl Send for Waiter {}
+
+/// Clients blocked in SLOTS.MIGRATE.WAIT, with their job's id. One list for
+/// all jobs, so that each handle is unblocked exactly once, by whichever
+/// comes first: the job's end, the client's timeout or its disconnect.
+static WAITERS: Mutex<Vec<(Waiter, u64)>> = Mutex::new(Vec::new());
+
+pub fn add_waiter(job: u64, w: Waiter) {
+    if let Ok(mut v) = WAITERS.lock() {
+        v.push((w, job));
+    }
+}
+
+/// Takes `bc` off the list; false if it was not there (already unblocked).
+pub fn remove_waiter(bc: *mut raw::RedisModuleBlockedClient) -> bool {
+    let Ok(mut v) = WAITERS.lock() else {
+        return false;
+    };
+    let before = v.len();
+    v.retain(|(w, _)| w.0 != bc);
+    v.len() != before
+}
+
+fn take_waiters(job: u64) -> Vec<Waiter> {
+    let Ok(mut v) = WAITERS.lock() else {
+        return Vec::new();
+    };
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *v)
+        .into_iter()
+        .partition(|(_, j)| *j == job);
+    *v = rest;
+    mine.into_iter().map(|(w, _)| w).collect()
+}
 
 /// Where one step's time went (for the overrun log line).
 struct StepPhases {
@@ -451,7 +482,7 @@ impl Jobs {
             .count();
         let mut extra = finished.saturating_sub(KEEP_FINISHED);
         self.list.retain(|j| {
-            if extra > 0 && j.state != JobState::Running && j.waiters.is_empty() {
+            if extra > 0 && j.state != JobState::Running {
                 extra -= 1;
                 false
             } else {
@@ -549,7 +580,6 @@ impl Job {
             started_at_ms: now_ms(),
             started: Instant::now(),
             ended: None,
-            waiters: Vec::new(),
         }
     }
 
@@ -566,10 +596,6 @@ impl Job {
             });
         }
         Ok(())
-    }
-
-    pub fn add_waiter(&mut self, w: Waiter) {
-        self.waiters.push(w);
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -1400,7 +1426,7 @@ impl Job {
             }
         ));
         let state = self.state.name();
-        for w in self.waiters.drain(..) {
+        for w in take_waiters(self.id) {
             let reply = Box::new(state);
             // SAFETY: each handle came from RedisModule_BlockClient and is
             // unblocked exactly once (drained from the list); the private

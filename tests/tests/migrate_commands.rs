@@ -305,6 +305,55 @@ fn wait_from_several_clients() {
     }
 }
 
+/// WAIT with a short timeout, polled in a loop during a long job, and
+/// WAITs whose clients disconnect: each blocked client's handle (with a
+/// reply buffer of ~16 KB) is released when it times out or goes away, not
+/// kept until the job ends. Then a WAIT still gets the job's end.
+#[test]
+fn wait_timeouts_and_disconnects_release_their_clients() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    fill_slots(&mut ac, &[43], 20);
+    throttle(&mut ac, 1, 0);
+    let id = migrate_slots(&mut ac, b.port, &[], &[43]);
+    let used =
+        |c: &mut redis::Connection| -> i64 { info(c, "memory")["used_memory"].parse().unwrap() };
+    // Warm up allocator caches and the connection.
+    for _ in 0..20 {
+        assert_eq!(wait_job(&mut ac, id, 1), "running");
+    }
+    let before = used(&mut ac);
+    for _ in 0..400 {
+        assert_eq!(wait_job(&mut ac, id, 1), "running");
+    }
+    for _ in 0..100 {
+        let mut wc = a.conn();
+        let mut cmd = redis::cmd("SLOTS.MIGRATE.WAIT");
+        cmd.arg(id).arg(0);
+        wc.send_packed_command(&cmd.get_packed_command()).unwrap();
+        drop(wc);
+    }
+    thread::sleep(Duration::from_millis(200));
+    let grown = used(&mut ac) - before;
+    assert!(
+        grown < 1_000_000,
+        "used_memory grew by {grown} bytes over 400 timed-out and 100 dropped WAITs"
+    );
+    let st = status(&mut ac, id);
+    assert_eq!(st.state(), "running", "{st:?}");
+    throttle(&mut ac, 0, 0);
+    assert_eq!(wait_job(&mut ac, id, 0), "done");
+    let e = err_text(
+        &run(
+            &mut ac,
+            &["SLOTS.MIGRATE.WAIT", &id.to_string(), "9223372036854775807"],
+        )
+        .unwrap_err(),
+    );
+    assert!(e.contains("out of range"), "{e}");
+}
+
 #[test]
 fn cancel_keeps_unmoved_keys_and_a_new_job_finishes() {
     let a = Server::start();

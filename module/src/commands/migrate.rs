@@ -361,6 +361,10 @@ pub fn wait(ctx: &Context, args: &[RedisString]) -> RedisResult {
             if v < 0 {
                 return Err(err("timeout must be >= 0".into()));
             }
+            // The server adds it to the current time in ms.
+            if v > i64::MAX / 4 {
+                return Err(err("timeout is out of range".into()));
+            }
             v
         }
         None => 0,
@@ -382,11 +386,10 @@ pub fn wait(ctx: &Context, args: &[RedisString]) -> RedisResult {
             timeout,
         )
     };
-    with_jobs(|j| {
-        if let Some(job) = j.get_mut(id) {
-            job.add_waiter(Waiter(bc));
-        }
-    });
+    // SAFETY: a handle just returned by BlockClient; the callback is a
+    // plain extern fn.
+    unsafe { raw::RedisModule_SetDisconnectCallback.unwrap()(bc, Some(wait_disconnected)) };
+    crate::migrate_job::add_waiter(id, Waiter(bc));
     Ok(RedisValue::NoReply)
 }
 
@@ -412,7 +415,33 @@ extern "C" fn wait_timeout(
 ) -> c_int {
     // SAFETY: the live context of the timed-out client.
     unsafe { raw::RedisModule_ReplyWithSimpleString.unwrap()(ctx, c"running".as_ptr()) };
+    // SAFETY: as above; in a timeout callback the context has a handle.
+    release_waiter(unsafe { raw::RedisModule_GetBlockedClientHandle.unwrap()(ctx) });
     raw::REDISMODULE_OK as c_int
+}
+
+extern "C" fn wait_disconnected(
+    _ctx: *mut raw::RedisModuleCtx,
+    bc: *mut raw::RedisModuleBlockedClient,
+) {
+    release_waiter(bc);
+}
+
+/// A waiter that timed out or whose client went away: the server keeps the
+/// handle (and its reply client, ~16 KB) until the module unblocks it, so
+/// it is taken off its job and released now, not when the job ends: a
+/// client polling WAIT with a short timeout during a long job would
+/// otherwise pile them up.
+fn release_waiter(bc: *mut raw::RedisModuleBlockedClient) {
+    if bc.is_null() {
+        return;
+    }
+    if crate::migrate_job::remove_waiter(bc) {
+        // SAFETY: the handle is live (the server frees it only after an
+        // unblock is processed) and was still on the list, so nothing has
+        // unblocked it: this is the only unblock.
+        unsafe { raw::RedisModule_UnblockClient.unwrap()(bc, std::ptr::null_mut()) };
+    }
 }
 
 extern "C" fn free_state(_ctx: *mut raw::RedisModuleCtx, p: *mut std::os::raw::c_void) {
