@@ -50,7 +50,7 @@ build() { # name srcpkg dirglob binary
   cp "$src/src/$bin" "$out"
 }
 
-cargo build -p slots
+cargo build -p slots -p slotfork-test-helper
 status=0
 for t in "${targets[@]}"; do
   case "$t" in

@@ -16,8 +16,8 @@ echo "== build stock and patched redis-server 7.0.15 (async fork; cached in .bui
 MAKE_JOBS="$(nproc)" CARGO_BUILD_JOBS="$(nproc)" bash scripts/build-redis.sh
 # The fork engine's Redis-level tests must not skip in CI.
 export FORKPATCH_REQUIRE_REDIS=1
-echo "== build the module"
-cargo build -p slots
+echo "== build the module (and the second module some tests load next to it)"
+cargo build -p slots -p slotfork-test-helper
 export SLOTS_MODULE="$root/target/debug/libslots.so"
 export REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server)}"
 echo "== unit and integration tests (redis-server: $REDIS_SERVER)"

@@ -93,6 +93,15 @@ unsafe extern "C" fn before_sleep(
         || {
             // SAFETY: the event's context is live during this callback.
             let ctx = unsafe { Ctx::from_raw(ctx) };
+            // Keys can also go without any event (another module's
+            // RM_DeleteKey or emptied container, Redis 8's lazy expiry of
+            // a hash's last field): every indexed database takes part in
+            // the count check every 100 ms, not only those with events.
+            let now = now_us();
+            if now >= FULL_CHECK_AT_US.load(Ordering::Relaxed) {
+                FULL_CHECK_AT_US.store(now + FULL_CHECK_EVERY_US, Ordering::Relaxed);
+                with_state(|s| s.touch_all());
+            }
             events::check_touched(ctx);
             if !ARMED.load(Ordering::Relaxed)
                 && with_state(|s| !s.loading && has_work(s)) | migrate_job::busy()
@@ -130,6 +139,9 @@ fn period() -> i64 {
 /// microseconds since START (0: no such migration). Main thread only.
 static EAGER_AT_US: AtomicU64 = AtomicU64::new(0);
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+/// When every indexed database is next counted (see before_sleep).
+static FULL_CHECK_AT_US: AtomicU64 = AtomicU64::new(0);
+const FULL_CHECK_EVERY_US: u64 = 100_000;
 /// The pending timer (valid while ARMED).
 static TIMER_ID: AtomicU64 = AtomicU64::new(0);
 

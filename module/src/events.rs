@@ -31,9 +31,11 @@
 //!
 //! Both modes then check, once per event-loop iteration (when no command is
 //! half-done), that each touched database holds exactly as many keys as its
-//! index. A mismatch means keys changed without any event (another module's
-//! RM_DeleteKey): the database's index is rebuilt, counted in INFO
-//! (`slots_index_resyncs`). The check cannot run per event: servers differ
+//! index, and every 100 ms every indexed database, touched or not: keys can
+//! go without any event at all (another module's RM_DeleteKey, or Redis 8
+//! deleting a hash whose last field expired lazily). A mismatch means keys
+//! changed without an event: the database's index is rebuilt, counted in
+//! INFO (`slots_index_resyncs`). The check cannot run per event: servers differ
 //! in the order of a command's silent deletes and its additions (Valkey's
 //! RENAME deletes the source before it adds the destination).
 

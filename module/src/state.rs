@@ -157,6 +157,14 @@ impl State {
         }
     }
 
+    /// Every database with an index takes part in the next count check.
+    pub fn touch_all(&mut self) {
+        let dbs: Vec<usize> = self.dbs().map(|(db, _)| db).collect();
+        for db in dbs {
+            self.touch(db);
+        }
+    }
+
     pub fn request_resync(&mut self, db: usize) {
         if !self.resync.contains(&db) {
             self.resync.push(db);

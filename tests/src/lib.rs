@@ -145,6 +145,18 @@ pub fn module_path() -> PathBuf {
     target.join("debug").join("libslots.so")
 }
 
+/// The test helper module (tests/helper-module: deletes keys without
+/// keyspace events, as other modules may), built next to libslots.so.
+pub fn helper_module_path() -> PathBuf {
+    let p = module_path().with_file_name("libslotfork_test_helper.so");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p slotfork-test-helper` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
 pub fn redis_server_bin() -> String {
     std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_string())
 }
@@ -237,6 +249,11 @@ impl ServerBuilder {
     pub fn config(mut self, line: &str) -> Self {
         self.config.push(line.to_string());
         self
+    }
+    /// Loads the test helper module too (`helper_module_path`).
+    pub fn with_helper_module(self) -> Self {
+        let line = format!("loadmodule {}", helper_module_path().display());
+        self.config(&line)
     }
     pub fn appendonly(mut self, on: bool) -> Self {
         self.appendonly = on;

@@ -588,3 +588,60 @@ fn expire_in_the_past_and_persist() {
     assert_eq!(slots_count(&mut c, slot("e")), 7);
     assert_exact(&mut c, H);
 }
+
+/// Another module deletes keys through the key API (`RM_DeleteKey`), which
+/// fires no keyspace event; nothing else touches the database afterwards.
+/// The periodic count check still notices within a fraction of a second and
+/// rebuilds that database's index. A SLOTS.DEL of a slot holding such a
+/// stale name still finishes (it used to pick the name again forever).
+#[test]
+fn keys_deleted_without_any_event_are_noticed() {
+    let s = Server::builder().with_helper_module().start();
+    let mut c = s.conn();
+    let tag = tag_for_slot(H, 77);
+    let keys = tagged_keys(&tag, 10);
+    set_many(&mut c, &keys);
+    let n: i64 = redis::cmd("HELPER.SILENTDEL")
+        .arg(&keys[0])
+        .arg(&keys[1])
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(n, 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while slots_count(&mut c, 77) != 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index still counts keys deleted without events: {}",
+            slots_count(&mut c, 77)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(slots_info_num(&mut c, "slots_index_resyncs") >= 1);
+    check(&mut c);
+
+    // A stale name in a slot that SLOTS.DEL empties: the deletion and the
+    // silent delete in one pipeline, before any check can run.
+    let tag2 = tag_for_slot(H, 78);
+    let keys2 = tagged_keys(&tag2, 50);
+    set_many(&mut c, &keys2);
+    let _: () = redis::pipe()
+        .cmd("HELPER.SILENTDEL")
+        .arg(&keys2[7])
+        .ignore()
+        .cmd("SLOTS.DEL")
+        .arg(78)
+        .ignore()
+        .query(&mut c)
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while slots_info_num(&mut c, "slots_del_pending_slots") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SLOTS.DEL of a slot with a stale name does not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(slots_count(&mut c, 78), 0);
+    assert_eq!(dbsize(&mut c), 8);
+    check(&mut c);
+}
