@@ -147,6 +147,20 @@ fn load(ctx: Ctx, args: &[&[u8]]) -> Result<(), String> {
     valkey_db_fix::install(ctx)?;
     redirect::install(ctx)?;
     info::register(ctx);
+    // A replica with `repl-diskless-load swapdb` loads a full sync into a
+    // temporary database while it keeps serving the old one, but only if
+    // every module declares it copes; otherwise the server falls back to a
+    // blocking disk load. We do: the index is dropped when the load starts
+    // (events.rs), commands that read it answer -LOADING until it is
+    // rebuilt from the swapped-in data (wait_for_index.rs), and an aborted
+    // load rebuilds it from the old data.
+    // SAFETY: the OnLoad context.
+    unsafe {
+        raw::RedisModule_SetModuleOptions.unwrap()(
+            ctx.raw(),
+            raw::REDISMODULE_OPTIONS_HANDLE_REPL_ASYNC_LOAD as c_int,
+        )
+    };
     // The module may be loaded into a server that already holds data
     // (MODULE LOAD at runtime).
     rebuild::start(ctx, "module loaded", None);

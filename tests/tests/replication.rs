@@ -214,3 +214,67 @@ fn replica_does_not_expire_but_follows_primary() {
     assert_eq!(slots_count(&mut rc, H.slot(b"rx")), 0);
     check(&mut rc);
 }
+
+/// While a replica loads asynchronously (`repl-diskless-load swapdb`, a full
+/// resync from the master it already followed) it keeps serving its old
+/// dataset, but the slots index already waits for the new one: SLOTS.*
+/// commands that read the index answer -LOADING instead of counting an
+/// empty index; after the load they answer for the new dataset. (Without
+/// the module declaring that it copes, the server would not load
+/// asynchronously at all.)
+#[test]
+fn async_load_answers_loading_not_an_empty_index() {
+    let p = Server::builder()
+        .config("repl-diskless-sync yes")
+        .config("repl-diskless-sync-delay 0")
+        .config("repl-backlog-size 16384")
+        .start();
+    let mut pc = p.conn();
+    set_many(&mut pc, &tagged_keys(&tag_for_slot(H, 91), 10));
+    let r = Server::builder()
+        .config("repl-diskless-load swapdb")
+        // Serve clients every KB of the load, not every 2 MB.
+        .config("loading-process-events-interval-bytes 1024")
+        .replica_of(&p)
+        .start();
+    wait_replica_sync(&p, &r);
+    let mut rc = r.conn();
+    assert_eq!(slots_count(&mut rc, 91), 10);
+    // Cut the link and write more than the backlog holds: the replica
+    // comes back with a full resync from the same master, loaded
+    // asynchronously, slowly (200 us per key).
+    ok(&mut rc, &["CONFIG", "SET", "key-load-delay", "200"]);
+    // One transaction, so the replica cannot reconnect in between.
+    let mut tx = redis::pipe();
+    tx.atomic()
+        .cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .ignore();
+    for k in tagged_keys(&tag_for_slot(H, 90), 20_000) {
+        tx.cmd("SET").arg(k).arg("v").ignore();
+    }
+    let _: () = tx.query(&mut pc).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while info(&mut rc, "persistence")
+        .get("async_loading")
+        .map(String::as_str)
+        != Some("1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no asynchronous load seen\n{}",
+            r.log_tail(20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let e = err_text(&run(&mut rc, &["SLOTS.COUNT", "91"]).unwrap_err());
+    assert!(e.starts_with("LOADING"), "{e}");
+    assert_eq!(dbsize(&mut rc), 10, "the old dataset is still served");
+    ok(&mut rc, &["CONFIG", "SET", "key-load-delay", "0"]);
+    wait_replica_sync(&p, &r);
+    assert_eq!(slots_count(&mut rc, 90), 20_000);
+    assert_eq!(slots_count(&mut rc, 91), 10);
+    assert_exact(&mut rc, H);
+}

@@ -24,6 +24,15 @@ unsafe impl Send for Waiter {}
 /// `Some(reply)` when the command must not run now (the client was blocked,
 /// or gets an error); `None` when the index is ready.
 pub fn block_if_building(ctx: &Context, may_wait: bool) -> Option<RedisResult> {
+    // A replica loading asynchronously (repl-diskless-load swapdb) keeps
+    // serving its old dataset while the index waits for the new one: the
+    // index cannot answer for either until the load ends and its rebuild
+    // starts, which may take long, so no blocking here.
+    if with_state(|s| s.loading) {
+        return Some(Err(RedisError::Str(
+            "LOADING a dataset is being loaded; the slots index is rebuilt when it is done",
+        )));
+    }
     let building = with_state(|s| s.build.as_ref().map(|b| b.percent_done()))?;
     let c = Ctx::of(ctx);
     if !may_wait || ffi::context_flags(c) & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING != 0 {
