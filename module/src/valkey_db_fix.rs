@@ -112,7 +112,10 @@ unsafe extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                 return;
             }
             let name = arg(fctx, 0).to_ascii_lowercase();
-            if !matches!(name.as_slice(), b"copy" | b"select" | b"multi" | b"discard") {
+            if !matches!(
+                name.as_slice(),
+                b"copy" | b"select" | b"multi" | b"discard" | b"exec"
+            ) {
                 return;
             }
             // SAFETY: the live filter context.
@@ -125,9 +128,16 @@ unsafe extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                 b"multi" if !in_multi => {
                     f.copies.retain(|c| c.client != client);
                     f.multi_db.retain(|&(c, _)| c != client);
+                    // Clients that disconnect inside MULTI leave theirs.
+                    if f.multi_db.len() >= MAX_PENDING {
+                        f.multi_db.remove(0);
+                    }
                     f.multi_db.push((client, db));
                 }
-                b"discard" => f.multi_db.retain(|&(c, _)| c != client),
+                // The queued commands went through this filter when they
+                // were queued; at EXEC the transaction's database is no
+                // longer needed.
+                b"discard" | b"exec" => f.multi_db.retain(|&(c, _)| c != client),
                 b"select" if in_multi => {
                     if let (Some(n), Some(m)) = (
                         args.first().and_then(|a| parse_db(a)),
@@ -137,7 +147,11 @@ unsafe extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                     }
                 }
                 b"copy" => {
+                    // COPY source destination [DB n] [REPLACE]: options
+                    // only after the two key names.
                     let dst_db = args
+                        .get(2..)
+                        .unwrap_or_default()
                         .windows(2)
                         .find(|w| w[0].eq_ignore_ascii_case(b"db"))
                         .and_then(|w| parse_db(&w[1]));

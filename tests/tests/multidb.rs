@@ -237,6 +237,13 @@ fn client_db_unchanged_by_move_and_copy() {
     ok(&mut c, &["SET", "c1", "v"]);
     ok(&mut c, &["COPY", "c1", "c1", "DB", "4"]);
     assert_eq!(db_of(&mut c), "0", "after COPY ... DB");
+    // Keys named like the option, and a destination key named like a
+    // number: only the arguments after both key names are options.
+    ok(&mut c, &["SET", "db", "v"]);
+    ok(&mut c, &["COPY", "db", "x", "DB", "4"]);
+    assert_eq!(db_of(&mut c), "0", "after COPY db x DB 4");
+    ok(&mut c, &["COPY", "db", "7", "DB", "1"]);
+    assert_eq!(db_of(&mut c), "0", "after COPY db 7 DB 1");
     // In a transaction: SELECT 2, then COPY from db 2 to db 5, then a SET
     // that must land in db 2.
     ok(&mut c, &["SELECT", "2"]);
@@ -268,5 +275,5 @@ fn client_db_unchanged_by_move_and_copy() {
     assert_eq!(as_int(&ok(&mut c5, &["EXISTS", "c2"])), 1);
     let mut c6 = s.conn_db(6);
     assert_eq!(as_int(&ok(&mut c6, &["EXISTS", "after-copy"])), 1);
-    assert_exact_dbs(&mut c, HashFn::Crc32, &[0, 2, 3, 4, 5, 6]);
+    assert_exact_dbs(&mut c, HashFn::Crc32, &[0, 1, 2, 3, 4, 5, 6]);
 }
