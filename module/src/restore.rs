@@ -193,9 +193,13 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
                     _ => {}
                 }
             }
-            apply_chunk(ctx, &stage, *kind, args)?;
+            let applied = apply_chunk(ctx, &stage, *kind, args);
+            // Also when the chunk failed half-way (a stream chunk is one
+            // XADD per entry): whatever it created must still expire.
             let ttl = int_arg(STAGING_TTL_MS);
-            write(ctx, "PEXPIRE", &[&stage, &ttl])?;
+            let expiring = write(ctx, "PEXPIRE", &[&stage, &ttl]);
+            applied?;
+            expiring?;
             Ok(Outcome::Applied)
         }
         Record::Group {
@@ -232,7 +236,7 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             consumer,
         } => {
             let stage = staging_name(source, key);
-            if staging_state(ctx, &stage).is_none() {
+            if staging_state(ctx, &stage).map(|s| s.0) != Some(Some(Kind::Stream)) {
                 return Ok(Outcome::Restart);
             }
             write(ctx, "XGROUP", &[b"CREATECONSUMER", &stage, group, consumer])?;
@@ -244,7 +248,7 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             entries,
         } => {
             let stage = staging_name(source, key);
-            if staging_state(ctx, &stage).is_none() {
+            if staging_state(ctx, &stage).map(|s| s.0) != Some(Some(Kind::Stream)) {
                 return Ok(Outcome::Restart);
             }
             for p in entries {
@@ -327,7 +331,7 @@ fn apply_one(ctx: Ctx, source: &[u8], rec: &Record) -> Result<Outcome, String> {
             let k = Key::open(ctx, key, true);
             match lru {
                 Lru::None => {}
-                Lru::Idle(s) => k.set_lru_idle_ms(*s as i64 * 1000),
+                Lru::Idle(s) => k.set_lru_idle_ms((*s as i64).saturating_mul(1000)),
                 Lru::Freq(f) => k.set_lfu(*f as i64),
             }
             Ok(Outcome::Applied)

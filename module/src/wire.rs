@@ -316,7 +316,7 @@ pub fn crc64(data: &[u8]) -> u64 {
 pub fn valid_source_id(s: &[u8]) -> bool {
     (1..=64).contains(&s.len())
         && s.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"_.:-".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
 }
 
 struct Reader<'a> {
@@ -399,7 +399,7 @@ pub fn parse_batch<'a>(args: &'a [&'a [u8]], target: Target) -> Result<Batch<'a>
     }
     let source = args[1];
     if !valid_source_id(source) {
-        return Err("source id must be 1-64 characters of [A-Za-z0-9_.:-]".into());
+        return Err("source id must be 1-64 characters of [A-Za-z0-9_.-]".into());
     }
     let count: usize = std::str::from_utf8(args[2])
         .ok()

@@ -296,8 +296,8 @@ fn default_timeout_staging_expiry_is_ten_minutes() {
             && sid.len() <= 64
             && sid
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
-        "source-id {sid:?} must match [A-Za-z0-9_.:-]{{1,64}}"
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
+        "source-id {sid:?} must match [A-Za-z0-9_.-]{{1,64}}"
     );
     throttle(&mut ac, 0, 0);
     finish_done(&a, id);

@@ -236,6 +236,12 @@ fn invalid_batches_are_rejected_whole() {
             restore_args("1", "", std::slice::from_ref(&good)),
         ),
         (
+            // Staging names are prefix:source:key; "a:b" + "c" would be
+            // "a" + "b:c".
+            "source-id with a colon",
+            restore_args("1", "a:b", std::slice::from_ref(&good)),
+        ),
+        (
             "source-id with a slash",
             restore_args("1", "a/b", std::slice::from_ref(&good)),
         ),
@@ -1470,4 +1476,47 @@ fn stream_chunk_offsets() {
         .collect();
     assert_eq!(ids, ["1-1", "2-0"]);
     assert!(staging_keys(&mut c).is_empty());
+}
+
+/// Records that fail at run time, after validation: a stream chunk whose
+/// second entry the server refuses leaves a staging key that still expires;
+/// CONSUMER and PENDING on a staging name that holds something else than a
+/// stream answer "restart" (the source resends the key) rather than an
+/// error (which fails the whole job).
+#[test]
+fn runtime_failures_of_stream_records() {
+    let f = fixture();
+    let mut c = f.t.conn();
+    let stage = "slotfork:staging:src-9:k";
+    // The reply is [error]; the client library surfaces it as an error.
+    let r = raw(
+        &mut c,
+        &restore_args(
+            "1",
+            "src-9",
+            &[rec(&[
+                b"CHUNK", b"k", b"stream", b"0", b"2", b"1-1", b"1", b"f", b"v", b"1-1", b"1",
+                b"f", b"v",
+            ])],
+        ),
+    );
+    let e = err_text(&r.expect_err("the second XADD fails"));
+    assert!(e.contains("XADD"), "{e}");
+    let ttl = as_int(&ok(&mut c, &["PTTL", stage]));
+    assert!(
+        ttl > 0,
+        "a half-applied staging key without expiry: PTTL {ttl}"
+    );
+
+    ok(&mut c, &["DEL", stage]);
+    ok(&mut c, &["SET", stage, "not a stream"]);
+    let got = restore_ok(
+        &mut c,
+        "src-9",
+        &[
+            rec(&[b"CONSUMER", b"k", b"g", b"alice"]),
+            rec(&[b"PENDING", b"k", b"g", b"1", b"1-1", b"alice", b"5", b"1"]),
+        ],
+    );
+    assert_eq!(got, vec![-1, -1]);
 }
