@@ -164,6 +164,12 @@ fn next_batch(ctx: Ctx, limit: usize) -> Option<(usize, Batch)> {
 
 /// Runs SLOTS.DEL work until `deadline`. Returns true while work is left.
 pub fn run(ctx: Ctx, deadline: Instant) -> bool {
+    // A replica's data is its primary's: after a FAILOVER or REPLICAOF
+    // (partial resync, no load) a deletion left here would make it diverge.
+    if ffi::context_flags(ctx) & redis_module::raw::REDISMODULE_CTX_FLAGS_SLAVE != 0 {
+        with_state(|s| s.del.cancel_all("this server became a replica"));
+        return false;
+    }
     let original_db = ffi::selected_db(ctx);
     loop {
         let limit = with_state(|s| s.del.batch.clamp(16, 1000));

@@ -1,6 +1,7 @@
 //! SLOTS.DEL: background deletion of whole slots.
 
 use std::collections::BTreeSet;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use slotfork_tests::*;
@@ -162,7 +163,7 @@ fn large_slot_50k_keys_progress_and_responsiveness() {
             Instant::now() < deadline,
             "SLOTS.DEL of 50k keys did not finish in 60s (pending {pk})"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        thread::sleep(Duration::from_millis(5));
     }
     assert!(
         polls > 1,
@@ -207,7 +208,7 @@ fn replica_and_aof_follow_deletion() {
     assert_exact(&mut rc, H);
     // A replica must not run the deletion itself (it would diverge).
     expect_err(&mut rc, &["SLOTS.DEL".to_string(), slot("rk").to_string()]);
-    std::thread::sleep(Duration::from_millis(100));
+    thread::sleep(Duration::from_millis(100));
     assert_eq!(slots_count(&mut rc, slot("rk")), 30);
     drop(rc);
     drop(r);
@@ -292,7 +293,7 @@ fn flushall_cancels_pending_deletion() {
     assert_eq!(slots_info_num(&mut c, "slots_del_pending_keys"), 0);
     // Keys written after the flush (same names) must not be deleted by a stale job.
     set_many(&mut c, &keys[..500]);
-    std::thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_millis(300));
     assert_eq!(slots_count(&mut c, fs), 500);
     assert_eq!(dbsize(&mut c), 500);
     assert_exact(&mut c, H);
@@ -310,7 +311,7 @@ fn flushdb_cancels_pending_deletion() {
     ok(&mut c, &["FLUSHDB", "ASYNC"]);
     wait_del_done(&mut c);
     set_many(&mut c, &keys[..300]);
-    std::thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_millis(300));
     assert_eq!(slots_count(&mut c, fs), 300);
     assert_exact(&mut c, H);
 }
@@ -395,4 +396,45 @@ fn shutdown_with_pending_deletion() {
         left < 30_000,
         "some keys were deleted before the shutdown ({left} left)"
     );
+}
+
+/// FAILOVER while a SLOTS.DEL runs: once the server is a replica (partial
+/// resync, no load) the deletion stops; it must not go on deleting keys
+/// that its new primary still holds.
+#[test]
+fn failover_stops_a_running_deletion() {
+    let a = Server::start();
+    let r = Server::builder().replica_of(&a).start();
+    let mut ac = a.conn();
+    let keys = tagged_keys(&tag_for_slot(H, 5), 60_000);
+    set_many(&mut ac, &keys);
+    wait_replica_sync(&a, &r);
+    // Slow deletion: 50 us of work per millisecond.
+    ok(&mut ac, &["CONFIG", "SET", "slots.step-budget-us", "50"]);
+    slots_del(&mut ac, &[5]);
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        slots_info_num(&mut ac, "slots_del_pending_keys") > 0,
+        "deletion still running"
+    );
+    ok(&mut ac, &["FAILOVER", "TIMEOUT", "10000"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while info(&mut ac, "replication").get("role").map(String::as_str) != Some("slave") {
+        assert!(Instant::now() < deadline, "FAILOVER did not finish");
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(500));
+    wait_replica_sync(&r, &a);
+    let mut rc = r.conn();
+    assert_eq!(
+        dbsize(&mut ac),
+        dbsize(&mut rc),
+        "the old primary kept deleting as a replica"
+    );
+    assert_eq!(digest_of(&mut ac), digest_of(&mut rc));
+    assert_eq!(slots_info_num(&mut ac, "slots_del_pending_slots"), 0);
+}
+
+fn digest_of(c: &mut redis::Connection) -> String {
+    as_string(&ok(c, &["DEBUG", "DIGEST"]))
 }
