@@ -26,10 +26,13 @@
 //! may have applied them). While such a key stays here that is harmless
 //! (the next job sends it again with REPLACE), but a key deleted here before
 //! the next job would survive there and come back once the slot has moved.
-//! So the keys a stopped job had sent are remembered per target and
-//! database ("leftovers"; in memory only) and the next job to that target
-//! that covers them treats them as sent: present here, they are sent again;
-//! gone, the target gets a DEL. A cancel also sends those DELs at once.
+//! So the keys a stopped job had sent are remembered per target (by its run
+//! id, whatever the host was called) and database ("leftovers"; in memory
+//! only), and the next job to that target that covers them treats them as
+//! sent once it has connected: present here, they are sent again; gone, the
+//! target gets a DEL. A key moved by any job is no longer a leftover (its
+//! copy on a target is then the key). A cancel also sends those DELs at
+//! once.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,9 +223,9 @@ pub struct Job {
     abandoned: bool,
     /// Replies are no longer acted on (cancelled or abandoned).
     ignore_replies: bool,
-    /// Set when a failed or cancelled job ends: the keys it had sent
-    /// without an acknowledgement (collected by `Jobs`).
-    leftovers: Vec<Vec<u8>>,
+    /// The target's run id, once a connection has reported it: names the
+    /// target for leftovers.
+    target_run_id: Option<String>,
     pub stats: JobStats,
     pub started_at_ms: i64,
     started: Instant,
@@ -349,15 +352,39 @@ pub struct Jobs {
     next_id: u64,
     pub list: Vec<Job>,
     throttle: Throttle,
-    /// (target, db) -> keys that stopped jobs sent without an
-    /// acknowledgement (see the top of this file).
-    leftovers: BTreeMap<(String, usize), HashSet<Vec<u8>>>,
+}
+
+/// (target run id, db) -> keys that stopped jobs sent without an
+/// acknowledgement (see the top of this file). Separate from JOBS: a job
+/// running its step is outside that list and still has to reach this.
+static LEFTOVERS: Mutex<Leftovers> = Mutex::new(BTreeMap::new());
+
+type Leftovers = BTreeMap<(String, usize), HashSet<Vec<u8>>>;
+
+fn with_leftovers<R>(f: impl FnOnce(&mut Leftovers) -> R) -> R {
+    f(&mut LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// `key` of `db` was moved by some job: a copy a stopped job left on any
+/// target is no longer stale (on this target it is the key now; elsewhere
+/// it is not ours to delete any more).
+fn forget_leftover(db: usize, key: &[u8]) {
+    with_leftovers(|l| {
+        if l.is_empty() {
+            return;
+        }
+        l.retain(|(_, d), set| {
+            if *d == db {
+                set.remove(key);
+            }
+            !set.is_empty()
+        });
+    });
 }
 
 static JOBS: Mutex<Jobs> = Mutex::new(Jobs {
     next_id: 1,
     list: Vec::new(),
-    leftovers: BTreeMap::new(),
     throttle: Throttle {
         last: None,
         keys: 0.0,
@@ -442,39 +469,13 @@ impl Jobs {
         id
     }
 
-    /// Adds a new job, handing it the leftovers of earlier jobs to the same
-    /// target and database that fall in its scope.
-    pub fn add(&mut self, mut job: Job) {
-        self.collect_leftovers();
-        if let Some(set) = self.leftovers.get_mut(&(job.target.clone(), job.db)) {
-            let mine: Vec<Vec<u8>> = set.iter().filter(|k| job.in_scope(k)).cloned().collect();
-            for k in &mine {
-                set.remove(k);
-            }
-            if set.is_empty() {
-                self.leftovers.remove(&(job.target.clone(), job.db));
-            }
-            job.adopt_leftovers(mine);
-        }
+    pub fn add(&mut self, job: Job) {
         self.list.push(job);
         self.prune();
     }
 
-    /// Moves the leftovers of finished jobs into the per-target table.
-    fn collect_leftovers(&mut self) {
-        for j in self.list.iter_mut() {
-            if !j.leftovers.is_empty() {
-                self.leftovers
-                    .entry((j.target.clone(), j.db))
-                    .or_default()
-                    .extend(j.leftovers.drain(..));
-            }
-        }
-    }
-
     /// Forgets the oldest finished jobs beyond KEEP_FINISHED.
     pub fn prune(&mut self) {
-        self.collect_leftovers();
         let finished = self
             .list
             .iter()
@@ -503,9 +504,7 @@ impl Jobs {
             ("migrate_keys_frozen", sum(|j| j.frozen.len() as u64)),
             (
                 "migrate_leftover_keys",
-                (self.leftovers.values().map(|s| s.len()).sum::<usize>()
-                    + self.list.iter().map(|j| j.leftovers.len()).sum::<usize>())
-                .to_string(),
+                with_leftovers(|l| l.values().map(|s| s.len()).sum::<usize>()).to_string(),
             ),
         ]
     }
@@ -539,11 +538,15 @@ impl Jobs {
     /// since through -ASK (its own expiry time is the same as here).
     pub fn note_change(&mut self, db: usize, key: &[u8], event: &[u8]) {
         let vanished = matches!(event, b"expired" | b"evicted");
+        // A hash field's expiry: the target's copy carries the same expiry
+        // time (FIELDTTL, or DUMP), so it changes the same way there; the
+        // key itself still waits for its delete here.
+        let field_expired = event == b"hexpired";
         for j in self.list.iter_mut() {
             if j.state == JobState::Running && j.db == db {
                 if let Some(t) = j.tracked.get_mut(key) {
                     t.dirty = true;
-                } else if j.deleting.remove(key) && !vanished {
+                } else if !field_expired && j.deleting.remove(key) && !vanished {
                     j.revived.push(key.to_vec());
                 }
             }
@@ -575,7 +578,7 @@ impl Job {
             ending: None,
             abandoned: false,
             ignore_replies: false,
-            leftovers: Vec::new(),
+            target_run_id: None,
             stats: JobStats::default(),
             started_at_ms: now_ms(),
             started: Instant::now(),
@@ -739,11 +742,35 @@ impl Job {
         }
     }
 
-    /// Keys an earlier job may have left on this target: tracked as sent,
-    /// queued first. Present here, they are sent again (REPLACE); gone, they
-    /// get a DEL record (`start_key`).
-    fn adopt_leftovers(&mut self, keys: Vec<Vec<u8>>) {
-        for k in keys {
+    /// The target's run id is known: keys an earlier job may have left on
+    /// it, within this job's scope and not already in flight here, are
+    /// tracked as sent and queued first. Present here, they are sent again
+    /// (REPLACE); gone, they get a DEL record (`start_key`).
+    fn adopt_leftovers(&mut self, run_id: &str) {
+        if self.target_run_id.is_some() {
+            return;
+        }
+        self.target_run_id = Some(run_id.to_string());
+        if run_id.is_empty() {
+            return;
+        }
+        let mine: Vec<Vec<u8>> = with_leftovers(|l| {
+            let Some(set) = l.get_mut(&(run_id.to_string(), self.db)) else {
+                return Vec::new();
+            };
+            let mine: Vec<Vec<u8>> = set.iter().filter(|k| self.in_scope(k)).cloned().collect();
+            for k in &mine {
+                set.remove(k);
+            }
+            if set.is_empty() {
+                l.remove(&(run_id.to_string(), self.db));
+            }
+            mine
+        });
+        for k in mine {
+            if self.tracked.contains_key(&k) || self.deleting.contains(&k) {
+                continue;
+            }
             let slot = with_state(|s| s.slot(&k));
             let t = self.track(&k, slot);
             t.sent = true;
@@ -850,6 +877,7 @@ impl Job {
     /// `apply_acks`, within the step's deadline).
     fn take_replies(&mut self) {
         let mut failure = None;
+        let mut ready = None;
         let acks = &mut self.acks;
         for l in &mut self.links {
             while let Ok(ev) = l.conn.events.try_recv() {
@@ -884,6 +912,7 @@ impl Job {
                             }
                         }
                     }
+                    Event::Ready(run_id) => ready = Some(run_id),
                     Event::Rejected(e) => failure = Some(format!("target rejected a batch: {e}")),
                     Event::Failed(e) => failure = Some(format!("connection to target: {e}")),
                 }
@@ -891,6 +920,9 @@ impl Job {
                     break;
                 }
             }
+        }
+        if let Some(run_id) = ready {
+            self.adopt_leftovers(&run_id);
         }
         if let Some(e) = failure {
             self.stop(JobState::Failed(e));
@@ -935,6 +967,7 @@ impl Job {
                         self.stats.keys_moved += 1;
                         self.stats.bytes_moved += t.bytes;
                         self.frozen.remove(&key);
+                        forget_leftover(self.db, &key);
                         self.deleting.insert(key.clone());
                         self.to_delete.push(key);
                     }
@@ -981,7 +1014,9 @@ impl Job {
         match &mut self.scope {
             Scope::Keys { queue, .. } => {
                 while let Some(k) = queue.pop_front() {
-                    if !self.tracked.contains_key(&k) {
+                    // As in the slot walk: a key waiting for its delete
+                    // (an adopted leftover sent first) is moved.
+                    if !self.tracked.contains_key(&k) && !self.deleting.contains(&k) {
                         return Some(k);
                     }
                 }
@@ -1269,7 +1304,10 @@ impl Job {
             self.unpark();
             self.produce(ctx, deadline, throttle, &mut phases);
         }
+        // Not done before a connection has named the target: its leftovers
+        // (keys deleted here meanwhile) are only known then.
         if self.ending.is_none()
+            && self.target_run_id.is_some()
             && self.scope_exhausted()
             && self.tracked.is_empty()
             && self.resend.is_empty()
@@ -1395,13 +1433,19 @@ impl Job {
     fn finish(&mut self) {
         self.state = self.ending.take().unwrap_or(JobState::Done);
         self.ended = Some(Instant::now());
-        if self.state != JobState::Done && !self.abandoned {
-            self.leftovers = self
+        if let (true, Some(run_id)) = (
+            self.state != JobState::Done && !self.abandoned,
+            self.target_run_id.as_ref().filter(|r| !r.is_empty()),
+        ) {
+            let sent: Vec<Vec<u8>> = self
                 .tracked
                 .iter()
                 .filter(|(_, t)| t.sent)
                 .map(|(k, _)| k.clone())
                 .collect();
+            if !sent.is_empty() {
+                with_leftovers(|l| l.entry((run_id.clone(), self.db)).or_default().extend(sent));
+            }
         }
         self.frozen.clear();
         self.tracked.clear();

@@ -48,6 +48,9 @@ pub enum Item {
 /// What the connection thread reports, in order.
 #[derive(Debug)]
 pub enum Event {
+    /// Connected, authenticated and in the job's database; the target's run
+    /// id (empty if its INFO had none).
+    Ready(String),
     /// The reply to the oldest unanswered batch.
     Reply(Vec<Item>),
     /// The target rejected the oldest unanswered batch as a whole.
@@ -140,14 +143,16 @@ impl Drop for Conn {
             // Never wait on the main thread: a thread still connecting ends
             // within TIMEOUT; the cron joins it then (`reap`).
             if let Ok(mut r) = ENDING.lock() {
-                r.push(t);
+                r.push((t, self.graceful));
             }
         }
     }
 }
 
 /// Threads of closed connections that have not ended yet.
-static ENDING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+/// Threads of dropped connections, and whether each is delivering its last
+/// batches (a graceful close) rather than just ending.
+static ENDING: Mutex<Vec<(JoinHandle<()>, bool)>> = Mutex::new(Vec::new());
 
 /// Joins the connection threads that have ended; true while some remain
 /// (MODULE UNLOAD must wait for them: their code lives in this library).
@@ -155,12 +160,24 @@ pub fn reap() -> bool {
     let Ok(mut r) = ENDING.lock() else {
         return false;
     };
-    let (done, running): (Vec<_>, Vec<_>) = r.drain(..).partition(|t| t.is_finished());
+    let (done, running): (Vec<_>, Vec<_>) = r.drain(..).partition(|t| t.0.is_finished());
     *r = running;
-    for t in done {
+    for (t, _) in done {
         let _ = t.join();
     }
     !r.is_empty()
+}
+
+/// Whether a closed connection is still delivering batches (a cancelled
+/// job's last one, with its DELs, and those in flight before it). A new job
+/// must not send anything until they are applied: the target could apply
+/// an older copy of a key, or a DEL, after the new job's copy of it.
+pub fn draining() -> bool {
+    reap();
+    ENDING
+        .lock()
+        .map(|r| r.iter().any(|(t, graceful)| *graceful && !t.is_finished()))
+        .unwrap_or(false)
 }
 
 fn io_err(what: &str, e: std::io::Error) -> String {
@@ -322,14 +339,21 @@ fn run(
     let run_id = String::from_utf8_lossy(&info)
         .lines()
         .find_map(|l| l.strip_prefix("run_id:").map(|v| v.trim().to_string()));
-    if run_id.is_some_and(|id| !ep.own_run_id.is_empty() && id == ep.own_run_id) {
+    if run_id
+        .as_ref()
+        .is_some_and(|id| !ep.own_run_id.is_empty() && *id == ep.own_run_id)
+    {
         return Err(format!("{} is this server itself", ep.addr()));
     }
     let db = ep.db.to_string();
     w.write_all(&command(&[b"SELECT", db.as_bytes()]))
         .map_err(|e| io_err("sending SELECT", e))?;
     simple_reply(&mut r).map_err(|e| format!("SELECT {db} failed: {e}"))?;
+    let _ = events.send(Event::Ready(run_id.unwrap_or_default()));
     let mut outstanding = 0usize;
+    // After a graceful close: the last replies must come within one TIMEOUT
+    // in all, not one TIMEOUT each.
+    let mut closing_by: Option<std::time::Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -349,11 +373,21 @@ fn run(
                     if outstanding == 0 {
                         return Ok(());
                     }
+                    closing_by.get_or_insert_with(|| std::time::Instant::now() + ep.timeout);
                     break;
                 }
             }
         }
         if outstanding > 0 {
+            if let Some(by) = closing_by {
+                let left = by.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(
+                        "closing: the target did not answer the last batches in time".into(),
+                    );
+                }
+                let _ = r.get_ref().set_read_timeout(Some(left));
+            }
             let ev = batch_reply(&mut r)?;
             outstanding -= 1;
             // The job may have ended and dropped the receiver; after a

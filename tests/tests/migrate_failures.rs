@@ -625,8 +625,13 @@ fn cancel_with_batches_in_flight_leaves_no_copies() {
     thread::sleep(Duration::from_millis(100));
     assert!(status(&mut ac, id).num("keys_in_flight") > 0);
     ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()]);
-    sleeper.join().unwrap();
     assert_eq!(finish(&a, id).state(), "cancelled");
+    // Until the target has applied the cancelled job's batches, a new job
+    // could be overtaken by them (an older copy or a DEL applied after
+    // its own copy): refused meanwhile.
+    let e = err_text(&try_migrate_slots(&mut ac, b.port, &[], &[slot]).unwrap_err());
+    assert!(e.contains("still delivering"), "{e}");
+    sleeper.join().unwrap();
     // Let the target apply the batches and the cancel's last one.
     thread::sleep(Duration::from_millis(300));
     let src = snap_db(&mut ac);
@@ -638,4 +643,54 @@ fn cancel_with_batches_in_flight_leaves_no_copies() {
     assert_same_data(&before, &u, "source + target after CANCEL");
     migrate_slots_done(&a, &b, &[], &[slot]);
     assert_same_data(&before, &snap_db(&mut b.conn()), "after the next job");
+}
+
+/// Leftovers name the target by its run id, not by how the job spelled it,
+/// and a key moved by any later job is no longer one: after a failed job to
+/// 127.0.0.1, a job to `localhost` (the same server) moves the slot; a third
+/// job to 127.0.0.1 covering that slot must not delete any of those keys on
+/// the target (they are the keys now, not stale copies).
+#[test]
+fn leftovers_follow_the_target_not_its_spelling() {
+    let a = Server::start();
+    let b = Server::start();
+    let mut ac = a.conn();
+    let slot = 318u32;
+    let keys = tagged_keys(&tag_for_slot(H, slot), 3000);
+    set_many(&mut ac, &keys);
+    let before = snap_db(&mut ac);
+    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "300"], &[slot]);
+    wait_status(&mut ac, id, "some keys moved", |s| {
+        s.num("keys_moved") >= 100
+    });
+    let sleeper = {
+        let mut bc = b.conn();
+        thread::spawn(move || {
+            let _ = run(&mut bc, &["DEBUG", "SLEEP", "1"]);
+        })
+    };
+    assert_eq!(finish(&a, id).state(), "failed");
+    sleeper.join().unwrap();
+    assert_ne!(info(&mut ac, "slots")["slots_migrate_leftover_keys"], "0");
+    let port = b.port.to_string();
+    let id2 = as_int(&ok(
+        &mut ac,
+        &[
+            "SLOTS.MIGRATE",
+            "localhost",
+            &port,
+            "SLOTS",
+            &slot.to_string(),
+        ],
+    ));
+    finish_done(&a, id2);
+    assert_eq!(info(&mut ac, "slots")["slots_migrate_leftover_keys"], "0");
+    let late = format!("{{{}}}:late", tag_for_slot(H, slot));
+    ok(&mut ac, &["SET", &late, "1"]);
+    migrate_slots_done(&a, &b, &[], &[slot]);
+    let after = snap_db(&mut b.conn());
+    assert_eq!(after.len(), keys.len() + 1);
+    let mut want = before.clone();
+    want.extend(snap_keys(&mut b.conn(), &[late]));
+    assert_same_data(&want, &after, "target after three jobs");
 }

@@ -146,6 +146,13 @@ fn source_id(ctx: Ctx, id: u64) -> String {
 
 fn start(ctx: &Context, scope: Scope, opts: Options, db: usize) -> RedisResult {
     let c = Ctx::of(ctx);
+    if crate::transport::draining() {
+        return Err(err(
+            "a cancelled job's connection is still delivering its last batch (it ends when the target \
+             has answered, within its TIMEOUT); retry in a moment"
+                .into(),
+        ));
+    }
     tracking::ensure_subscribed(c).map_err(err)?;
     let id = with_jobs(|j| j.next_id());
     let mut job = Job::new(id, source_id(c, id), db, scope, opts);
