@@ -537,6 +537,28 @@ fn exists(c: &mut redis::Connection, k: &str) -> bool {
     redis::cmd("EXISTS").arg(k).query::<i64>(c).unwrap() == 1
 }
 
+/// Starts a job on `slot` (TIMEOUT 300 ms) and, once some keys have moved,
+/// holds the target for a second: the job fails on the timeout while its
+/// batches in flight are applied when the target wakes up. Returns the
+/// failed job's status.
+fn fail_with_batches_in_flight(a: &Server, b: &Server, slot: u32) -> Status {
+    let mut ac = a.conn();
+    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "300"], &[slot]);
+    wait_status(&mut ac, id, "some keys moved", |s| {
+        s.num("keys_moved") >= 100
+    });
+    let sleeper = {
+        let mut bc = b.conn();
+        thread::spawn(move || {
+            let _ = run(&mut bc, &["DEBUG", "SLEEP", "1"]);
+        })
+    };
+    let s = finish(a, id);
+    sleeper.join().unwrap();
+    assert_eq!(s.state(), "failed", "{s:?}");
+    s
+}
+
 /// Keys whose batch reached the target but whose acknowledgement never
 /// came back (the job timed out while the target was busy) may exist on
 /// both servers. If they are deleted on the source before the next job,
@@ -551,21 +573,7 @@ fn keys_deleted_after_a_failed_job_do_not_come_back() {
     let slot = 314u32;
     let keys = tagged_keys(&tag_for_slot(H, slot), 3000);
     set_many(&mut ac, &keys);
-    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "300"], &[slot]);
-    wait_status(&mut ac, id, "some keys moved", |s| {
-        s.num("keys_moved") >= 100
-    });
-    // The target stops answering with batches in flight; they are applied
-    // when it wakes up, after the job gave up on them.
-    let sleeper = {
-        let mut bc = b.conn();
-        thread::spawn(move || {
-            let _ = run(&mut bc, &["DEBUG", "SLEEP", "1"]);
-        })
-    };
-    let s = finish(&a, id);
-    sleeper.join().unwrap();
-    assert_eq!(s.state(), "failed", "{s:?}");
+    let s = fail_with_batches_in_flight(&a, &b, slot);
     let left = info(&mut ac, "slots")
         .get("slots_migrate_leftover_keys")
         .cloned()
@@ -659,18 +667,7 @@ fn leftovers_follow_the_target_not_its_spelling() {
     let keys = tagged_keys(&tag_for_slot(H, slot), 3000);
     set_many(&mut ac, &keys);
     let before = snap_db(&mut ac);
-    let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "300"], &[slot]);
-    wait_status(&mut ac, id, "some keys moved", |s| {
-        s.num("keys_moved") >= 100
-    });
-    let sleeper = {
-        let mut bc = b.conn();
-        thread::spawn(move || {
-            let _ = run(&mut bc, &["DEBUG", "SLEEP", "1"]);
-        })
-    };
-    assert_eq!(finish(&a, id).state(), "failed");
-    sleeper.join().unwrap();
+    fail_with_batches_in_flight(&a, &b, slot);
     assert_ne!(info(&mut ac, "slots")["slots_migrate_leftover_keys"], "0");
     let port = b.port.to_string();
     let id2 = as_int(&ok(
