@@ -221,8 +221,6 @@ pub struct Job {
     /// The database the job read from is no longer the data it sent (see
     /// `abandon`): no acknowledgement may lead to a delete any more.
     abandoned: bool,
-    /// Replies are no longer acted on (cancelled or abandoned).
-    ignore_replies: bool,
     /// The target's run id, once a connection has reported it: names the
     /// target for leftovers.
     target_run_id: Option<String>,
@@ -577,7 +575,6 @@ impl Job {
             revived: Vec::new(),
             ending: None,
             abandoned: false,
-            ignore_replies: false,
             target_run_id: None,
             stats: JobStats::default(),
             started_at_ms: now_ms(),
@@ -722,8 +719,8 @@ impl Job {
             if cancelled {
                 // The last batch deletes the target's copies of every key
                 // not acknowledged yet, so no later reply may count one of
-                // them as moved (it would then be gone from both servers).
-                self.ignore_replies = true;
+                // them as moved (it would then be gone from both servers):
+                // `step` takes no more replies once cancelled.
                 self.acks.clear();
                 self.abort_staged();
             } else {
@@ -731,14 +728,6 @@ impl Job {
                     l.conn.close();
                 }
             }
-        }
-    }
-
-    /// Whether `key` belongs to this job's slots or named keys.
-    fn in_scope(&self, key: &[u8]) -> bool {
-        match &self.scope {
-            Scope::Slots { slots, .. } => slots.contains(&with_state(|s| s.slot(key))),
-            Scope::Keys { all, .. } => all.contains(key),
         }
     }
 
@@ -758,7 +747,11 @@ impl Job {
             let Some(set) = l.get_mut(&(run_id.to_string(), self.db)) else {
                 return Vec::new();
             };
-            let mine: Vec<Vec<u8>> = set.iter().filter(|k| self.in_scope(k)).cloned().collect();
+            let mine: Vec<Vec<u8>> = set
+                .iter()
+                .filter(|k| self.covers(with_state(|s| s.slot(k)), k))
+                .cloned()
+                .collect();
             for k in &mine {
                 set.remove(k);
             }
@@ -788,7 +781,6 @@ impl Job {
     pub fn abandon(&mut self, reason: &str) {
         self.stop(JobState::Failed(reason.to_string()));
         self.abandoned = true;
-        self.ignore_replies = true;
         self.acks.clear();
         self.to_delete.clear();
         self.deleting.clear();
@@ -1291,7 +1283,9 @@ impl Job {
         }
         ffi::select_db(ctx, self.db);
         self.revive();
-        if !self.ignore_replies {
+        // A cancelled job acts on no reply (see `stop`); an abandoned one
+        // has ended above.
+        if self.ending != Some(JobState::Cancelled) {
             self.take_replies();
         }
         let acks_before = self.acks.len();

@@ -149,7 +149,6 @@ impl Drop for Conn {
     }
 }
 
-/// Threads of closed connections that have not ended yet.
 /// Threads of dropped connections, and whether each is delivering its last
 /// batches (a graceful close) rather than just ending.
 static ENDING: Mutex<Vec<(JoinHandle<()>, bool)>> = Mutex::new(Vec::new());

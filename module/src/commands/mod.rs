@@ -91,10 +91,9 @@ pub fn entry(
     let c = crate::ffi::Ctx::of(&context);
     match result {
         // Error texts often carry client input: see ffi::reply::error.
-        Err(RedisError::String(s)) => crate::ffi::reply::error(c, &s),
-        Err(RedisError::Str(s)) => crate::ffi::reply::error(c, s),
-        Err(RedisError::WrongType) => {
-            crate::ffi::reply::error(c, &RedisError::WrongType.to_string())
+        // (WrongArity has its own server call.)
+        Err(e) if !matches!(e, RedisError::WrongArity) => {
+            crate::ffi::reply::error(c, &e.to_string())
         }
         other => {
             guard(
