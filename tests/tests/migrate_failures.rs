@@ -30,6 +30,16 @@ fn assert_nothing_lost(before: &DbSnap, src: &Server, dst: &Server, ctx: &str) -
     s
 }
 
+/// Keeps the target busy (`DEBUG SLEEP secs`) on a thread of its own: it
+/// answers nothing meanwhile, and batches already sent wait in its socket.
+fn hold_target(b: &Server, secs: &str) -> thread::JoinHandle<()> {
+    let mut bc = b.conn();
+    let secs = secs.to_string();
+    thread::spawn(move || {
+        let _ = run(&mut bc, &["DEBUG", "SLEEP", secs.as_str()]);
+    })
+}
+
 fn error_mentions(s: &Status, words: &[&str]) {
     let e = s.get("last_error").to_lowercase();
     assert!(
@@ -119,12 +129,7 @@ fn target_slower_than_timeout() {
     let id = migrate_slots(&mut ac, b.port, &["TIMEOUT", "500"], &slots);
     wait_status(&mut ac, id, "5 keys moved", |s| s.num("keys_moved") >= 5);
     // The target stops answering for 3 s, longer than TIMEOUT.
-    let sleeper = {
-        let mut bc = b.conn();
-        thread::spawn(move || {
-            let _ = run(&mut bc, &["DEBUG", "SLEEP", "3"]);
-        })
-    };
+    let sleeper = hold_target(&b, "3");
     let s = finish(&a, id);
     sleeper.join().unwrap();
     assert_eq!(s.state(), "failed", "{s:?}");
@@ -547,12 +552,7 @@ fn fail_with_batches_in_flight(a: &Server, b: &Server, slot: u32) -> Status {
     wait_status(&mut ac, id, "some keys moved", |s| {
         s.num("keys_moved") >= 100
     });
-    let sleeper = {
-        let mut bc = b.conn();
-        thread::spawn(move || {
-            let _ = run(&mut bc, &["DEBUG", "SLEEP", "1"]);
-        })
-    };
+    let sleeper = hold_target(b, "1");
     let s = finish(a, id);
     sleeper.join().unwrap();
     assert_eq!(s.state(), "failed", "{s:?}");
@@ -624,12 +624,7 @@ fn cancel_with_batches_in_flight_leaves_no_copies() {
     wait_status(&mut ac, id, "some keys moved", |s| {
         s.num("keys_moved") >= 100
     });
-    let sleeper = {
-        let mut bc = b.conn();
-        thread::spawn(move || {
-            let _ = run(&mut bc, &["DEBUG", "SLEEP", "0.5"]);
-        })
-    };
+    let sleeper = hold_target(&b, "0.5");
     thread::sleep(Duration::from_millis(100));
     assert!(status(&mut ac, id).num("keys_in_flight") > 0);
     ok(&mut ac, &["SLOTS.MIGRATE.CANCEL", &id.to_string()]);
